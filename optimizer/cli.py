@@ -1,0 +1,291 @@
+"""`optimize`: the command-line entry point. Parses options, calls the library, prints tables, maps errors to exit codes.
+
+Exit codes: 0 ok; 1 failure (a pass failed, verification failed, a runtime failed); 2 usage error.
+Without --debug a failure is one line on stderr; with --debug the traceback follows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from optimizer.errors import SculptError, UsageError
+
+
+
+class DefaultToApply(click.Group):
+    """`optimize MODEL --pass ...` runs the pipeline; `optimize SUBCOMMAND ...` runs a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["apply", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToApply, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sculpt", message="sculpt %(version)s")
+def cli():
+    """Sculpt: ONNX-in / ONNX-out model optimization.
+
+    \b
+    optimize MODEL --pass NAME[:key=value,...] [--pass ...] -o OUT    run passes, verified after each one
+    optimize passes                                                   list passes and their options
+    optimize inspect | run | bench | compare ...                      see `optimize COMMAND --help`
+    """
+
+
+def _debug_option(f):
+    return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        from optimizer.io_json import write_json
+
+        write_json(path, payload)
+
+
+@cli.command("apply", hidden=True)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pass", "pass_specs", multiple=True, metavar="NAME[:key=value,...]", help="a pass to run (repeatable)")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file listing passes and options")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="where to write the model")
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".npz with one array per model input")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help=".npz with inputs and 'labels'")
+@click.option("--tolerance", type=float, default=None, help="max relative output change for exact passes [1e-4]")
+@click.option("--report", type=click.Path(dir_okay=False), help="write the report as JSON")
+@click.option("--seed", type=int, default=None, help="seed for random choices and random inputs [0]")
+@click.option("--batch", type=int, default=1, show_default=True, help="batch size for random inputs")
+@_debug_option
+def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, debug):
+    """Run passes on MODEL and write the result to OUT."""
+    from optimizer.console import print_pipeline_report, progress_printer
+    from optimizer.data import load_npz
+    from optimizer.model import read_model, save_model
+    from optimizer.pipeline import build_pass, load_recipe, optimize
+
+    specs: list = []
+    settings: dict = {}
+    if recipe:
+        specs, settings = load_recipe(recipe)
+    specs.extend(pass_specs)
+    if not specs:
+        raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
+    pass_objects = [build_pass(spec) for spec in specs]
+    out_path = Path(output)
+    if not out_path.parent.is_dir():
+        raise UsageError(f"{output}: output directory {out_path.parent} does not exist")
+    if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
+        raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
+    if report and not Path(report).parent.is_dir():
+        raise UsageError(f"{report}: report directory {Path(report).parent} does not exist")
+    source, external = read_model(model)
+    calibration_data = load_npz(calibration, source) if calibration else None
+    evaluation = load_npz(eval_path, source) if eval_path else None
+    if evaluation is not None and "labels" not in evaluation:
+        raise UsageError(f"{eval_path}: has no 'labels' array")
+    if calibration_data is None:
+        click.echo("note: no --calibration data; verifying on seeded random inputs", err=True)
+    result, pipeline_report = optimize(
+        source,
+        pass_objects,
+        calibration=calibration_data,
+        evaluation=evaluation,
+        tolerance=tolerance if tolerance is not None else settings.get("tolerance", 1e-4),
+        seed=seed if seed is not None else settings.get("seed", 0),
+        batch=batch,
+        on_pass=progress_printer(),
+    )
+    save_model(result, output, external=external or None)
+    pipeline_report["model"] = str(model)
+    pipeline_report["output_model"] = str(output)
+    _write_json(report, pipeline_report)
+    print_pipeline_report(pipeline_report)
+    click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+@cli.command("passes")
+@_debug_option
+def passes_cmd(debug):
+    """List every pass with its contract and options."""
+    from optimizer.console import print_passes
+
+    print_passes()
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calibration", type=click.Path(dir_okay=False), help="measure activation statistics on these inputs")
+@click.option("--batch", type=int, default=1, show_default=True, help="batch size used to count MACs")
+@click.option("--report", type=click.Path(dir_okay=False), help="write the facts as JSON")
+@_debug_option
+def inspect_cmd(model, calibration, batch, report, debug):
+    """Per-layer op, weight shape, params, MACs, sparsity and all-zero output channels."""
+    from optimizer.console import print_inspect
+    from optimizer.data import load_npz
+    from optimizer.model import load_model
+    from optimizer.report import layer_rows, model_stats
+
+    proto = load_model(model)
+    facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
+    if calibration:
+        from optimizer.activation_stats import activation_stats
+
+        feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"}
+        facts["activations"] = activation_stats(proto, feeds)
+    _write_json(report, facts)
+    print_inspect(facts)
+
+
+def _runtime_options(runtime_names, option_strings: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+    from optimizer.pipeline import parse_pass_spec
+
+    options: dict[str, dict] = {}
+    for name, strings in option_strings.items():
+        for text in strings:
+            options.setdefault(name, {}).update(parse_pass_spec(f"{name}:{text}")[1])
+        if strings and name not in runtime_names:
+            raise UsageError(f"--{name} options given but --runtime {name} is not selected")
+    return options
+
+
+def _runtime_flags(f):
+    f = click.option("--reram-config", type=click.Path(dir_okay=False), help="YAML file of reram options")(f)
+    f = click.option("--reram", "reram_opts", multiple=True, metavar="k=v,...", help="reram runtime options")(f)
+    f = click.option("--tvm", "tvm_opts", multiple=True, metavar="k=v,...", help="tvm runtime options")(f)
+    return f
+
+
+def _collect_runtime_options(runtime_names, tvm_opts, reram_opts, reram_config) -> dict[str, dict]:
+    options = _runtime_options(runtime_names, {"tvm": tvm_opts, "reram": reram_opts})
+    if reram_config:
+        if "reram" not in runtime_names:
+            raise UsageError("--reram-config given but --runtime reram is not selected")
+        options.setdefault("reram", {})["config"] = reram_config
+    return options
+
+
+@cli.command("run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help=".npz of inputs")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help=".npz to write")
+@click.option("--runtime", default="ort", show_default=True, help="ort | tvm | reram")
+@click.option("--threads", type=int, default=None, help="threads for the runtime")
+@click.option("--report", type=click.Path(dir_okay=False), help="write the runtime's description as JSON")
+@_runtime_flags
+@_debug_option
+def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, reram_opts, reram_config, debug):
+    """Run MODEL on a runtime and save its outputs (.npz, one array per output name)."""
+    import numpy as np
+
+    import runtimes
+    from optimizer.data import load_npz, split_labels
+    from optimizer.model import load_model
+
+    if not Path(output_path).parent.is_dir():
+        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
+    proto = load_model(model)
+    data = load_npz(input_path, proto)
+    feeds, labels = split_labels(data)
+    options = _collect_runtime_options([runtime], tvm_opts, reram_opts, reram_config)
+    session = runtimes.load(runtime, proto, threads=threads, **options.get(runtime, {}))
+    outputs = session.run(feeds)
+    if labels is not None and hasattr(session, "evaluate"):
+        session.evaluate(data)
+    from optimizer.io_json import atomic_path
+
+    with atomic_path(output_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **outputs)
+    described = session.describe()
+    _write_json(report, {"model": str(model), "runtime": runtime, runtime: described})
+    click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--runtime", "runtime_names", multiple=True, default=("ort",), show_default=True, help="repeatable")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), help=".npz of real inputs")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help=".npz with labels (runtimes that evaluate)")
+@click.option("--batch", type=int, default=1, show_default=True, help="batch size of random inputs")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads for every runtime")
+@click.option("--runs", type=int, default=20, show_default=True, help="timed runs per row")
+@click.option("--warmup", type=int, default=3, show_default=True, help="untimed runs per row")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of random inputs")
+@click.option("--report", type=click.Path(dir_okay=False), help="write results as JSON")
+@_runtime_flags
+@_debug_option
+def bench_cmd(models, runtime_names, input_path, eval_path, batch, threads, runs, warmup, seed, report,
+              tvm_opts, reram_opts, reram_config, debug):
+    """Median and p90 latency, peak RSS and ratios, side by side, for every MODEL on every --runtime."""
+    from optimizer.bench import bench
+    from optimizer.console import print_bench
+    from optimizer.data import load_npz
+    from optimizer.model import load_model
+
+    names = [Path(m).name for m in models]
+    labels = names if len(set(names)) == len(names) else list(models)
+    protos = [(label, load_model(m)) for label, m in zip(labels, models, strict=True)]
+    inputs = load_npz(input_path) if input_path else None
+    evaluation = load_npz(eval_path, protos[0][1]) if eval_path else None
+    options = _collect_runtime_options(list(runtime_names), tvm_opts, reram_opts, reram_config)
+    results = bench(protos, list(runtime_names), inputs=inputs, batch=batch, threads=threads, runs=runs,
+                    warmup=warmup, seed=seed, runtime_options=options, evaluation=evaluation)
+    _write_json(report, results)
+    print_bench(results)
+
+
+@cli.command("compare")
+@click.argument("model_a", type=click.Path(dir_okay=False))
+@click.argument("model_b", type=click.Path(dir_okay=False))
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".npz of inputs (default: seeded random)")
+@click.option("--batch", type=int, default=1, show_default=True, help="batch size of random inputs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_debug_option
+def compare_cmd(model_a, model_b, calibration, batch, seed, debug):
+    """Max abs/rel error, cosine and top-1 agreement between two models' outputs (ONNX Runtime)."""
+    from optimizer.console import print_compare
+    from optimizer.data import load_npz, random_inputs, split_labels
+    from optimizer.model import load_model
+    from optimizer.verify import compare, run_ort
+
+    a, b = load_model(model_a), load_model(model_b)
+    feeds = split_labels(load_npz(calibration, a))[0] if calibration else random_inputs(a, batch, seed)
+    print_compare(compare(run_ort(a, feeds), run_ort(b, feeds)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="optimize", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except SculptError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

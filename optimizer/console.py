@@ -1,0 +1,113 @@
+"""Terminal rendering (rich): the same facts as the JSON reports, as tables."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=False, width=140)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _num(value, fmt: str = ",") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and fmt == ",":
+        return f"{value:,.0f}"
+    return format(value, fmt)
+
+
+def progress_printer():
+    def on_pass(name: str, index: int, total: int) -> None:
+        err_console.print(f"[dim][{index + 1}/{total}] running {name}…[/dim]")
+
+    return on_pass
+
+
+def print_pipeline_report(report: dict) -> None:
+    table = Table(title="passes", title_justify="left")
+    for column in ("pass", "contract", "seconds", "max abs err", "max rel err", "cosine", "top-1 agree"):
+        table.add_column(column, justify="left" if column in ("pass", "contract") else "right")
+    for entry in report["passes"]:
+        v = entry["verify"]
+        table.add_row(entry["name"], entry["contract"], f"{entry['seconds']:.3f}", f"{v['max_abs_err']:.2e}",
+                      f"{v['max_rel_err']:.2e}", f"{v['cosine']:.6f}",
+                      "-" if v["top1_agreement"] is None else f"{v['top1_agreement']:.4f}")
+    console.print(table)
+    stats = Table(title="model", title_justify="left")
+    for column in ("", "params", "MACs", "bytes", "nodes", "weight sparsity"):
+        stats.add_column(column, justify="right")
+    before, after = report["input"], report["output"]
+    for label, s in (("input", before), ("output", after)):
+        stats.add_row(label, _num(s["params"]), _num(s["macs"]), _num(s["bytes"]), _num(s["nodes"]),
+                      f"{s['weight_sparsity']:.3f}")
+    stats.add_row("output/input", *[
+        f"{after[k] / before[k]:.3f}" if before[k] else "-" for k in ("params", "macs", "bytes", "nodes")
+    ], "")
+    console.print(stats)
+    if "eval" in report:
+        e = report["eval"]
+        console.print(f"top-1 accuracy: input {e['input']:.4f} → output {e['output']:.4f} "
+                      f"({(e['output'] - e['input']) * 100:+.2f} pt)")
+    for warning in report.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def print_passes() -> None:
+    from passes import all_passes
+    from passes.base import describe_type, option_fields
+
+    for name, cls in all_passes().items():
+        table = Table(title=f"{name} ({cls.contract}) — {cls.summary}", title_justify="left", show_edge=False)
+        table.add_column("option")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("help")
+        for f, tp in option_fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            table.add_row(f.name, describe_type(tp), repr(default), f.metadata.get("help", ""))
+        console.print(table)
+        console.print()
+
+
+def print_inspect(facts: dict) -> None:
+    s = facts["stats"]
+    console.print(f"{facts['model']}: {s['params']:,} params, {s['macs']:,} MACs, {s['bytes']:,} bytes, "
+                  f"{s['nodes']} nodes, weight sparsity {s['weight_sparsity']:.3f}")
+    table = Table(title="layers", title_justify="left")
+    for column in ("node", "op", "weight shape", "params", "MACs", "sparsity", "zero out-ch"):
+        table.add_column(column, justify="left" if column in ("node", "op", "weight shape") else "right")
+    for r in facts["layers"]:
+        table.add_row(r["node"], r["op"], "x".join(map(str, r["weight_shape"])), _num(r["params"]), _num(r["macs"]),
+                      f"{r['sparsity']:.3f}", f"{r['zero_channels']}/{r['channels']}")
+    console.print(table)
+    if "activations" in facts:
+        act = Table(title="activations (measured on --calibration)", title_justify="left")
+        rows = facts["activations"]
+        columns = [k for k in rows[0] if k not in ("shape",)] if rows else []
+        for column in columns:
+            act.add_column(column)
+        for r in rows:
+            act.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns])
+        console.print(act)
+
+
+def print_bench(results: dict) -> None:
+    rows = results["results"]
+    threads = {r["threads"] for r in rows}
+    table = Table(title=f"bench (threads fixed at {', '.join(map(str, sorted(threads)))})", title_justify="left")
+    for column in ("model", "runtime", "batch", "median ms", "p90 ms", "peak RSS MB", "time ratio", "speedup"):
+        table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}x" if r["ratio"] else "-")
+    console.print(table)
+    console.print("[dim]time ratio = median / first row's median; speedup = its inverse[/dim]")
+
+
+def print_compare(result: dict) -> None:
+    for key, value in result.items():
+        click.echo(f"{key:16s} {value if value is None or isinstance(value, list) else f'{value:.6g}'}")

@@ -1,0 +1,120 @@
+"""Calibration and evaluation data: .npz files holding one array per model input, plus optional "labels"."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from optimizer.errors import UsageError
+
+LABELS = "labels"
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers (old exporters list weights as inputs too)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def input_spec(value: onnx.ValueInfoProto, batch: int = 1) -> tuple[tuple[int, ...], np.dtype]:
+    """Concrete shape (a dynamic dim takes `batch`) and numpy dtype of a graph input."""
+    tensor = value.type.tensor_type
+    if tensor.elem_type not in _ONNX_TO_NUMPY:
+        raise UsageError(f"input {value.name!r}: element type {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+                         "is not supported for generated data; pass real inputs with --input/--calibration")
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tensor.shape.dim)
+    return shape, np.dtype(_ONNX_TO_NUMPY[tensor.elem_type])
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs valid for each input's dtype: N(0,1) floats, small non-negative integers (token ids), booleans."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in graph_inputs(model):
+        shape, dtype = input_spec(value, batch)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, min(np.iinfo(dtype).max, 100), size=shape).astype(dtype)
+    return feeds
+
+
+def load_npz(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
+    """Read an .npz; with a model, check that it holds every input with a compatible rank, dtype and fixed dims."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{path}: not a readable .npz file ({e})") from e
+    if model is not None:
+        check_feeds(data, model, str(path))
+    return data
+
+
+def check_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in data]
+    if missing:
+        have = ", ".join(k for k in data if k != LABELS) or "(none)"
+        raise UsageError(f"{where}: has no array for model input {missing[0]!r} (model inputs: {', '.join(names)}; "
+                         f"file has: {have})")
+    extra = [k for k in data if k not in names and k != LABELS]
+    if extra:
+        raise UsageError(f"{where}: array {extra[0]!r} is not a model input (model inputs: {', '.join(names)})")
+    batches = set()
+    for value in inputs:
+        array = data[value.name]
+        dims = value.type.tensor_type.shape.dim
+        expected_dtype = input_spec(value)[1]
+        if array.dtype != expected_dtype:
+            raise UsageError(f"{where}: array {value.name!r} has dtype {array.dtype}, the model expects {expected_dtype}")
+        if array.ndim != len(dims):
+            raise UsageError(f"{where}: array {value.name!r} has shape {list(array.shape)}, the model expects "
+                             f"rank {len(dims)} ({_describe_dims(dims)})")
+        for axis, (size, dim) in enumerate(zip(array.shape, dims, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and size != dim.dim_value:
+                raise UsageError(f"{where}: array {value.name!r} has shape {list(array.shape)}, the model expects "
+                                 f"{_describe_dims(dims)} (axis {axis})")
+        if array.ndim:
+            batches.add(array.shape[0])
+    if LABELS in data and batches and len(data[LABELS]) not in batches:
+        raise UsageError(f"{where}: {len(data[LABELS])} labels for {batches.pop()} samples")
+
+
+def _describe_dims(dims) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
+
+
+def split_labels(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    feeds = {k: v for k, v in data.items() if k != LABELS}
+    return feeds, data.get(LABELS)
+
+
+def batches(feeds: dict[str, np.ndarray], size: int):
+    """Yield slices of every array along axis 0."""
+    n = len(next(iter(feeds.values())))
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in feeds.items()}

@@ -1,0 +1,126 @@
+"""Loading, checking and saving ONNX models: clear errors, opset upgrades, atomic writes, external data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference, version_converter
+
+from optimizer.errors import ModelError, UsageError
+
+MIN_OPSET = 13
+# protobuf refuses to serialize a single message over 2 GiB; larger models keep their tensors as external data.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data), check it, and upgrade opsets older than 13."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """load_model, plus whether the file kept its tensors as external data (so the output can do the same)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        external = has_external_data(model)
+        if external:
+            onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:  # protobuf raises DecodeError, onnx raises ValueError/FileNotFoundError for external data
+        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
+    check_model(model, str(path))
+    return upgrade_opset(model, str(path)), external
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
+    opset = default_opset(model)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        raise ModelError(
+            f"{where}: opset {opset} is older than {MIN_OPSET} and could not be converted "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); re-export with opset >= 13"
+        ) from e
+    return converted
+
+
+def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False) -> None:
+    """onnx.checker; `full` adds strict shape inference. Raises ModelError with the checker's first line."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = os.path.join(tmp, "model.onnx")
+                save_model(model, tmp_path)
+                onnx.checker.check_model(tmp_path, full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as e:
+        raise ModelError(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
+    except shape_inference.InferenceError as e:
+        raise ModelError(f"{where}: fails shape inference: {_first_line(e)}") from e
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
+    except (shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        raise ModelError(f"shape inference failed: {_first_line(e)}") from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write atomically: into a temporary folder beside the target, then renamed into place when complete.
+
+    `external=True` writes the tensors to `<name>.data` beside the model; None decides by size (protobuf cannot
+    serialize a message over 2 GiB). The output directory must exist; on any failure nothing is left behind.
+    """
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise UsageError(f"{path}: output directory {directory} does not exist")
+    if external is None:
+        external = model.ByteSize() > PROTOBUF_LIMIT
+    data_name = f"{path.name}.data"
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory) as tmp:
+            staged = Path(tmp) / path.name
+            if external:
+                onnx.save_model(
+                    model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD,
+                )
+                os.replace(Path(tmp) / data_name, directory / data_name)
+            else:
+                onnx.save_model(model, str(staged))
+            os.replace(staged, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from e
+    return path
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -1,0 +1,309 @@
+"""Quantization math shared by the `quantize` and `bit-slice` passes, the reram runtime and the training frontend.
+
+Dynamic fixed point (DFP): a b-bit signed integer q with a power-of-two scale, x ≈ q · 2^-fl, where the
+fractional length fl is chosen per tensor (or per output channel) so that the largest magnitude fits.
+Integers are symmetric, q ∈ [-(2^(b-1) - 1), 2^(b-1) - 1], so that sign and magnitude split cleanly into
+differential (w⁺, w⁻) crossbar arrays. Everything here is numpy; torch code calls these on detached values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+SignMode = Literal["differential", "offset"]
+
+
+def qmax(bits: int, signed: bool = True) -> int:
+    """The largest integer code: symmetric signed (2^(b-1) - 1) or unsigned (2^b - 1)."""
+    return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+
+
+def frac_length(max_abs: float | np.ndarray, bits: int, signed: bool = True) -> int | np.ndarray:
+    """Largest fl with max_abs · 2^fl ≤ qmax(bits): the finest power-of-two step that does not clip.
+
+    An all-zero tensor gets fl = bits - 1 (any fl is exact for it; this one keeps the scale finite).
+    Works elementwise on arrays (one fl per output channel).
+    """
+    m = np.asarray(max_abs, dtype=np.float64)
+    safe = np.where(m > 0, m, 1.0)
+    fl = np.floor(np.log2(qmax(bits, signed) / safe)).astype(np.int64)
+    fl = np.where(m > 0, fl, bits - 1)
+    return int(fl) if fl.ndim == 0 else fl
+
+
+def quantize_dfp(x: np.ndarray, bits: int, fl: int | np.ndarray, signed: bool = True) -> np.ndarray:
+    """Integer codes round(x · 2^fl), saturated to the b-bit range. `fl` broadcasts against x."""
+    lo = -qmax(bits, signed) if signed else 0
+    q = np.rint(np.asarray(x, dtype=np.float64) * np.exp2(fl))
+    return np.clip(q, lo, qmax(bits, signed)).astype(np.int64)
+
+
+def dequantize_dfp(q: np.ndarray, fl: int | np.ndarray) -> np.ndarray:
+    return (np.asarray(q, dtype=np.float64) * np.exp2(-np.asarray(fl, dtype=np.float64))).astype(np.float32)
+
+
+def fake_quantize_dfp(x: np.ndarray, bits: int, fl: int | np.ndarray, signed: bool = True) -> np.ndarray:
+    return dequantize_dfp(quantize_dfp(x, bits, fl, signed), fl)
+
+
+def affine_params(lo: float, hi: float, bits: int = 8, signed: bool = False) -> tuple[float, int]:
+    """Scale and zero point of an affine b-bit grid covering [lo, hi] (which always includes 0, so 0 is exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qlo, qhi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if hi == lo:
+        return 1.0, 0 if signed else qlo
+    scale = (hi - lo) / (qhi - qlo)
+    zero_point = int(np.clip(round(qlo - lo / scale), qlo, qhi))
+    return scale, zero_point
+
+
+def num_slices(magnitude_bits: int, cell_bits: int) -> int:
+    return math.ceil(magnitude_bits / cell_bits)
+
+
+def split_slices(q: np.ndarray, bits: int, cell_bits: int, sign: SignMode = "differential") -> tuple[np.ndarray, int]:
+    """Split b-bit signed integers into cell slices, least significant slice first.
+
+    differential: returns slices of shape (S, 2, *q.shape) — [:, 0] holds w⁺ = max(q, 0), [:, 1] holds
+      w⁻ = max(-q, 0) — with S = ceil((b-1)/c); q = Σ_s 2^(c·s) (d⁺_s − d⁻_s). The offset returned is 0.
+    offset: stores q + 2^(b-1) (unsigned b-bit) in one array set; slices have shape (S, 1, *q.shape) with
+      S = ceil(b/c); q = Σ_s 2^(c·s) d_s − offset, offset = 2^(b-1).
+    """
+    q = np.asarray(q)
+    if not np.issubdtype(q.dtype, np.integer):
+        raise TypeError("split_slices needs integer codes")
+    q = q.astype(np.int64)
+    mask = (1 << cell_bits) - 1
+    if sign == "differential":
+        if np.abs(q).max(initial=0) > qmax(bits):
+            raise ValueError(f"values exceed the {bits}-bit signed range")
+        planes = np.stack([np.maximum(q, 0), np.maximum(-q, 0)])
+        n, offset = num_slices(bits - 1, cell_bits), 0
+    elif sign == "offset":
+        offset = 1 << (bits - 1)
+        unsigned = q + offset
+        if unsigned.min(initial=0) < 0 or unsigned.max(initial=0) >= (1 << bits):
+            raise ValueError(f"values exceed the {bits}-bit signed range")
+        planes = unsigned[None]
+        n = num_slices(bits, cell_bits)
+    else:
+        raise ValueError(f"unknown sign mode {sign!r}")
+    slices = np.stack([(planes >> (cell_bits * s)) & mask for s in range(n)])
+    return slices, offset
+
+
+def join_slices(slices: np.ndarray, cell_bits: int, offset: int = 0) -> np.ndarray:
+    """Inverse of split_slices."""
+    weights = (1 << (cell_bits * np.arange(slices.shape[0], dtype=np.int64))).reshape(-1, *([1] * (slices.ndim - 1)))
+    planes = (slices.astype(np.int64) * weights).sum(axis=0)
+    if planes.shape[0] == 2:
+        return planes[0] - planes[1]
+    return planes[0] - offset
+
+
+def adc_bits_for(max_column_sum: int) -> int:
+    """Bits an ADC needs to resolve every value in 0..max_column_sum without saturating (≥ 1)."""
+    return max(1, math.ceil(math.log2(int(max_column_sum) + 1)))
+
+
+def full_adc_bits(rows: int, cell_max: int, input_bits_per_cycle: int) -> int:
+    """ADC bits for the worst column: every one of `rows` cells at `cell_max`, every input digit at its max."""
+    return adc_bits_for(rows * cell_max * ((1 << input_bits_per_cycle) - 1))
+
+
+# --- Range selection: the value a b-bit grid must cover, from the max, a percentile or an MSE search -------------
+
+RangeMethod = Literal["max", "percentile", "mse"]
+RANGE_METHODS: tuple[str, ...] = ("max", "percentile", "mse")
+# MSE search candidates: DFP tries this many extra fractional bits beyond the no-clip fl; affine shrinks the range.
+MSE_EXTRA_FRAC_BITS = 4
+MSE_SHRINK_FACTORS = np.linspace(0.3, 1.0, 36)
+
+
+def channel_rows(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """x as a 2-D array with one row per channel along `axis` (one row for the whole tensor when axis is None)."""
+    x = np.asarray(x)
+    if axis is None:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _per_channel(values: np.ndarray, axis: int | None) -> float | np.ndarray:
+    return float(values[0]) if axis is None else values
+
+
+def _broadcast_channel(values: np.ndarray | float, ndim: int, axis: int | None) -> np.ndarray | float:
+    """Shape per-channel values so that they broadcast against a tensor of rank ndim along `axis`."""
+    if axis is None:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(values).reshape(shape)
+
+
+def abs_range(
+    x: np.ndarray, *, axis: int | None = None, method: str = "max", percentile: float = 99.99
+) -> float | np.ndarray:
+    """max|x| (method "max") or the given percentile of |x|, per tensor or per channel along `axis`.
+
+    "mse" is not a closed form: it starts from the max and is refined by `dfp_frac_length` / `symmetric_scale`.
+    """
+    rows = np.abs(channel_rows(x, axis)).astype(np.float64)
+    if rows.shape[1] == 0:
+        return _per_channel(np.zeros(rows.shape[0]), axis)
+    if method == "percentile":
+        return _per_channel(np.percentile(rows, percentile, axis=1), axis)
+    return _per_channel(rows.max(axis=1), axis)
+
+
+def _mse_per_channel(x: np.ndarray, xq: np.ndarray, axis: int | None) -> np.ndarray:
+    diff = channel_rows(np.asarray(x, dtype=np.float64) - xq, axis)
+    return np.mean(diff * diff, axis=1) if diff.shape[1] else np.zeros(diff.shape[0])
+
+
+def dfp_frac_length(
+    x: np.ndarray,
+    bits: int,
+    *,
+    axis: int | None = None,
+    method: str = "max",
+    percentile: float = 99.99,
+    signed: bool = True,
+) -> int | np.ndarray:
+    """Fractional length of a b-bit DFP grid for x, per tensor (int) or per channel along `axis` (int64 array).
+
+    max: the finest fl that does not clip (frac_length of max|x|). percentile: the same for a percentile of |x|
+    (outliers clip). mse: among fl_max .. fl_max + MSE_EXTRA_FRAC_BITS, the fl with the least squared error.
+    Example: x = [0.5, -0.25], bits = 8 -> max|x| = 0.5, 0.5 * 2^8 = 128 > 127, so fl = 7 (step 1/128).
+    """
+    fl = np.atleast_1d(frac_length(abs_range(x, axis=axis, method=method, percentile=percentile), bits, signed))
+    if method == "mse":
+        base = fl.copy()
+        best = np.full(base.shape, np.inf)
+        for extra in range(MSE_EXTRA_FRAC_BITS + 1):
+            candidate = base + extra
+            step = _broadcast_channel(candidate if axis is not None else candidate[0], np.ndim(x), axis)
+            err = _mse_per_channel(x, fake_quantize_dfp(x, bits, step, signed).astype(np.float64), axis)
+            better = err < best
+            fl = np.where(better, candidate, fl)
+            best = np.where(better, err, best)
+    return int(fl[0]) if axis is None else fl.astype(np.int64)
+
+
+def quantize_symmetric(x: np.ndarray, bits: int, scale: float | np.ndarray, signed: bool = True) -> np.ndarray:
+    """Integer codes round(x / scale), saturated to the symmetric b-bit range. `scale` broadcasts against x."""
+    lo = -qmax(bits, signed) if signed else 0
+    q = np.rint(np.asarray(x, dtype=np.float64) / np.asarray(scale, dtype=np.float64))
+    return np.clip(q, lo, qmax(bits, signed)).astype(np.int64)
+
+
+def fake_quantize_symmetric(x: np.ndarray, bits: int, scale: float | np.ndarray, signed: bool = True) -> np.ndarray:
+    return (quantize_symmetric(x, bits, scale, signed) * np.asarray(scale, dtype=np.float64)).astype(np.float32)
+
+
+def symmetric_scale(
+    x: np.ndarray,
+    bits: int,
+    *,
+    axis: int | None = None,
+    method: str = "max",
+    percentile: float = 99.99,
+    signed: bool = True,
+) -> float | np.ndarray:
+    """Real-valued scale of a symmetric b-bit grid (zero point 0): range / qmax, range from max, percentile or MSE.
+
+    mse scans range · MSE_SHRINK_FACTORS and keeps, per channel, the factor with the least squared error.
+    An all-zero channel gets scale 1 (any scale is exact for it). Returned as float32-representable values.
+    """
+    top = np.atleast_1d(np.asarray(abs_range(x, axis=axis, method=method, percentile=percentile), dtype=np.float64))
+    top = np.where(top > 0, top, qmax(bits, signed))
+    scale = top / qmax(bits, signed)
+    if method == "mse":
+        base = scale.copy()
+        best = np.full(base.shape, np.inf)
+        for factor in MSE_SHRINK_FACTORS:
+            candidate = base * factor
+            step = _broadcast_channel(candidate if axis is not None else candidate[0], np.ndim(x), axis)
+            err = _mse_per_channel(x, fake_quantize_symmetric(x, bits, step, signed).astype(np.float64), axis)
+            better = err < best
+            scale = np.where(better, candidate, scale)
+            best = np.where(better, err, best)
+    scale = scale.astype(np.float32).astype(np.float64)
+    return float(scale[0]) if axis is None else scale
+
+
+def fake_quantize_affine(
+    x: np.ndarray, scale: float, zero_point: int, bits: int = 8, signed: bool = False
+) -> np.ndarray:
+    """What QuantizeLinear followed by DequantizeLinear computes (round half to even, saturate)."""
+    qlo, qhi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    q = np.clip(np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point, qlo, qhi)
+    return ((q - zero_point) * scale).astype(np.float32)
+
+
+def affine_range(
+    x: np.ndarray, *, method: str = "max", percentile: float = 99.99, bits: int = 8, signed: bool = False
+) -> tuple[float, float]:
+    """[lo, hi] for an affine activation grid: min/max, symmetric percentiles, or the MSE-best shrink of min/max."""
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    if flat.size == 0:
+        return 0.0, 0.0
+    if method == "percentile":
+        return float(np.percentile(flat, 100.0 - percentile)), float(np.percentile(flat, percentile))
+    lo, hi = float(flat.min()), float(flat.max())
+    if method != "mse":
+        return lo, hi
+    best, best_range = np.inf, (lo, hi)
+    for factor in MSE_SHRINK_FACTORS:
+        scale, zero_point = affine_params(lo * factor, hi * factor, bits, signed)
+        err = float(np.mean((flat - fake_quantize_affine(flat, scale, zero_point, bits, signed)) ** 2))
+        if err < best:
+            best, best_range = err, (lo * factor, hi * factor)
+    return best_range
+
+
+def relative_error(x: np.ndarray, x_quantized: np.ndarray) -> float:
+    """‖x − x_q‖ / ‖x‖ (root-mean-square error relative to the signal; 0 for an all-zero x)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = float(np.sqrt(np.sum(x * x)))
+    if norm == 0.0:
+        return 0.0
+    return float(np.sqrt(np.sum((x - np.asarray(x_quantized, dtype=np.float64)) ** 2)) / norm)
+
+
+# --- Bit-slice statistics on a crossbar-ordered weight matrix ------------------------------------------------------
+
+
+def slice_max_values(bits: int, cell_bits: int, sign: SignMode = "differential") -> list[int]:
+    """The largest value each slice can hold, least significant first.
+
+    differential: magnitudes up to qmax(bits) = 2^(b-1) - 1; offset: unsigned codes up to 2^b - 1. A top slice
+    that holds fewer than cell_bits bits has a smaller maximum (int8, 2-bit cells: [3, 3, 3, 1]).
+    """
+    top = qmax(bits) if sign == "differential" else (1 << bits) - 1
+    count = num_slices(bits - 1 if sign == "differential" else bits, cell_bits)
+    return [min((1 << cell_bits) - 1, top >> (cell_bits * s)) for s in range(count)]
+
+
+def max_column_sums(slices: np.ndarray, rows: int) -> np.ndarray:
+    """Largest column sum of every slice in every crossbar row tile.
+
+    slices: (S, P, K, M) cell values — S slices, P polarity arrays (2 differential, 1 offset), K crossbar rows
+    (the reduction dimension), M columns. K is cut into ceil(K / rows) tiles of `rows` rows. Returns an int64
+    array (S, tiles): for each slice and tile, the max over polarities and columns of Σ_rows cell value —
+    the largest analog sum one ADC conversion sees when every input digit is 1.
+    """
+    s_count, polarities, k, m = slices.shape
+    tiles = max(1, math.ceil(k / rows))
+    padded = np.zeros((s_count, polarities, tiles * rows, m), dtype=np.int64)
+    padded[:, :, :k] = slices
+    sums = padded.reshape(s_count, polarities, tiles, rows, m).sum(axis=3)
+    return sums.max(axis=(1, 3)) if m else np.zeros((s_count, tiles), dtype=np.int64)
+
+
+def adc_bits_needed(max_column_sum: int, input_bits_per_cycle: int) -> int:
+    """ADC bits for no saturation on a column whose cells sum to max_column_sum, for any input digits."""
+    return adc_bits_for(int(max_column_sum) * ((1 << input_bits_per_cycle) - 1))
