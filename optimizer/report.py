@@ -66,6 +66,18 @@ def _macs(node: onnx.NodeProto, weight: np.ndarray, shapes: dict[str, list[int]]
     return None
 
 
+def output_channel_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    """The weight axis that indexes output channels: Conv [O, I/g, k...], ConvTranspose [I, O/g, k...],
+    Gemm [K, N] (or [N, K] with transB), MatMul [..., K, N]."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+    return weight.ndim - 1
+
+
 def layer_rows(model: onnx.ModelProto, batch: int = 1) -> list[dict]:
     """One row per Conv/ConvTranspose/Gemm/MatMul with a constant weight."""
     shapes = _shapes(model, batch)
@@ -79,11 +91,7 @@ def layer_rows(model: onnx.ModelProto, batch: int = 1) -> list[dict]:
         if found is None:
             continue
         weight_name, weight = found
-        out_axis = 0 if node.op_type == "Conv" else (1 if node.op_type in ("ConvTranspose", "MatMul") else None)
-        if node.op_type == "Gemm":
-            out_axis = 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
-        if node.op_type == "MatMul":
-            out_axis = weight.ndim - 1
+        out_axis = output_channel_axis(node, weight)
         moved = np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1)
         rows.append({
             "node": node.name or node.output[0],
