@@ -90,7 +90,9 @@ def check_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str)
         dims = value.type.tensor_type.shape.dim
         expected_dtype = input_spec(value)[1]
         if array.dtype != expected_dtype:
-            raise UsageError(f"{where}: array {value.name!r} has dtype {array.dtype}, the model expects {expected_dtype}")
+            raise UsageError(
+                f"{where}: array {value.name!r} has dtype {array.dtype}, the model expects {expected_dtype}"
+            )
         if array.ndim != len(dims):
             raise UsageError(f"{where}: array {value.name!r} has shape {list(array.shape)}, the model expects "
                              f"rank {len(dims)} ({_describe_dims(dims)})")

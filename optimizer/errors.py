@@ -33,4 +33,6 @@ class MissingDependency(UsageError):
     """An optional component (torch, tvm) is needed but not installed."""
 
     def __init__(self, package: str, extra: str):
-        super().__init__(f"this needs {package}, which is not installed; install it with: pip install 'sculpt[{extra}]'")
+        super().__init__(
+            f"this needs {package}, which is not installed; install it with: pip install 'sculpt[{extra}]'"
+        )

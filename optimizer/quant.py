@@ -4,11 +4,17 @@ Dynamic fixed point (DFP): a b-bit signed integer q with a power-of-two scale, x
 fractional length fl is chosen per tensor (or per output channel) so that the largest magnitude fits.
 Integers are symmetric, q ∈ [-(2^(b-1) - 1), 2^(b-1) - 1], so that sign and magnitude split cleanly into
 differential (w⁺, w⁻) crossbar arrays. Everything here is numpy; torch code calls these on detached values.
+
+Sections: the DFP / affine primitives and slicing (split_slices, join_slices, adc_bits_for); range selection
+(max, percentile or MSE search, per tensor or per channel: dfp_frac_length, symmetric_scale, affine_range);
+grids for whole tensors (weight_grid, activation_grid, RangeObserver for calibration); and bit-slice statistics
+on crossbar matrices (slice_max_values, column_sums, adc_bits_needed).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -274,6 +280,116 @@ def relative_error(x: np.ndarray, x_quantized: np.ndarray) -> float:
     return float(np.sqrt(np.sum((x - np.asarray(x_quantized, dtype=np.float64)) ** 2)) / norm)
 
 
+# --- Quantization grids for weights and activations -----------------------------------------------------------------
+
+ScaleKind = Literal["dfp", "affine"]
+
+
+@dataclass
+class RangeObserver:
+    """Calibration statistics of one activation: exact min/max over every batch, plus a seeded subsample.
+
+    Percentile and MSE searches run on the subsample (at most `per_batch` values kept from each batch); the exact
+    extremes are appended to it, so "max" and the MSE search's starting point never miss the true range.
+    """
+
+    low: float = math.inf
+    high: float = -math.inf
+    samples: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, values: np.ndarray, per_batch: int, rng: np.random.Generator) -> None:
+        flat = np.asarray(values, dtype=np.float32).reshape(-1)
+        if flat.size == 0:
+            return
+        self.low, self.high = min(self.low, float(flat.min())), max(self.high, float(flat.max()))
+        if flat.size > per_batch:
+            flat = rng.choice(flat, per_batch, replace=False)
+        self.samples.append(flat)
+
+    def values(self) -> np.ndarray:
+        extremes = [np.array([self.low, self.high], dtype=np.float32)] if self.low <= self.high else []
+        return np.concatenate([*self.samples, *extremes, np.zeros(0, np.float32)])
+
+
+@dataclass(frozen=True)
+class ActivationGrid:
+    """An 8-bit activation grid as QuantizeLinear sees it: x ≈ (q − zero_point) · scale, q of `dtype`."""
+
+    dtype: Literal["uint8", "int8"]
+    scale: float
+    zero_point: int
+    frac_length: int | None
+    error: float
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """Symmetric weight codes (zero point 0) with one scale per tensor (axis None) or per channel along `axis`."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    frac_length: np.ndarray | None
+    error: float
+
+
+def dfp_activation_roundtrip(values: np.ndarray, fl: int, signed: bool) -> np.ndarray:
+    """What QuantizeLinear/DequantizeLinear do with scale 2^-fl: int8 saturates at -128..127, uint8 at 0..255."""
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return (np.clip(np.rint(np.asarray(values, np.float64) * 2.0**fl), lo, hi) * 2.0**-fl).astype(np.float32)
+
+
+def activation_grid(
+    values: np.ndarray, kind: ScaleKind, *, method: str = "max", percentile: float = 99.99
+) -> ActivationGrid:
+    """The 8-bit grid for calibration values of one activation.
+
+    dfp: zero point 0, scale 2^-fl; uint8 when no value is negative (e.g. after ReLU), else int8.
+    affine: uint8 with a zero point over [lo, hi] from min/max, percentiles or the MSE-best shrink.
+    `method` is "max" (min/max), "percentile" or "mse".
+    """
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if kind == "affine":
+        lo, hi = affine_range(values, method=method, percentile=percentile)
+        scale, zero_point = affine_params(lo, hi, 8, signed=False)
+        scale = float(np.float32(scale))
+        restored = fake_quantize_affine(values, scale, zero_point, 8)
+        return ActivationGrid("uint8", scale, zero_point, None, relative_error(values, restored))
+    signed = bool(values.size) and float(values.min()) < 0.0
+    fl = dfp_frac_length(values, 8, method=method, percentile=percentile, signed=signed)
+    restored = dfp_activation_roundtrip(values, fl, signed)
+    return ActivationGrid("int8" if signed else "uint8", float(2.0**-fl), 0, fl, relative_error(values, restored))
+
+
+def weight_grid(
+    w: np.ndarray,
+    bits: int,
+    kind: ScaleKind,
+    *,
+    axis: int | None = None,
+    method: str = "max",
+    percentile: float = 99.99,
+) -> WeightGrid:
+    """Symmetric b-bit codes of a weight: dfp (scale 2^-fl, exact in float32) or affine (real scale).
+
+    Example: w = [[0.5, -0.25], [0.1, 0.0]], bits 8, dfp, axis 0 -> fl = [7, 10], codes [[64, -32], [102, 0]].
+    """
+    w = np.asarray(w, dtype=np.float64)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    if kind == "dfp":
+        fl = np.atleast_1d(dfp_frac_length(w, bits, axis=axis, method=method, percentile=percentile))
+        codes = quantize_dfp(w, bits, fl.reshape(shape) if axis is not None else int(fl[0]))
+        scale = np.exp2(-fl.astype(np.float64))
+    else:
+        fl = None
+        scale = np.atleast_1d(symmetric_scale(w, bits, axis=axis, method=method, percentile=percentile))
+        codes = quantize_symmetric(w, bits, scale.reshape(shape) if axis is not None else scale[0])
+    restored = codes * (scale.reshape(shape) if axis is not None else scale[0])
+    return WeightGrid(codes.astype(np.int8), scale.astype(np.float32), axis, fl, relative_error(w, restored))
+
+
 # --- Bit-slice statistics on a crossbar-ordered weight matrix ------------------------------------------------------
 
 
@@ -288,22 +404,23 @@ def slice_max_values(bits: int, cell_bits: int, sign: SignMode = "differential")
     return [min((1 << cell_bits) - 1, top >> (cell_bits * s)) for s in range(count)]
 
 
-def max_column_sums(slices: np.ndarray, rows: int) -> np.ndarray:
-    """Largest column sum of every slice in every crossbar row tile.
+def column_sums(slices: np.ndarray, rows: int) -> np.ndarray:
+    """Σ over each crossbar tile's rows of every slice cell.
 
     slices: (S, P, K, M) cell values — S slices, P polarity arrays (2 differential, 1 offset), K crossbar rows
-    (the reduction dimension), M columns. K is cut into ceil(K / rows) tiles of `rows` rows. Returns an int64
-    array (S, tiles): for each slice and tile, the max over polarities and columns of Σ_rows cell value —
-    the largest analog sum one ADC conversion sees when every input digit is 1.
+    (the reduction dimension), M columns. K is cut into ceil(K / rows) tiles of `rows` rows (the last one
+    zero-padded). Returns int64 (S, P, tiles, M): the analog sum one column of one tile carries when every
+    input digit is 1.
     """
     s_count, polarities, k, m = slices.shape
     tiles = max(1, math.ceil(k / rows))
     padded = np.zeros((s_count, polarities, tiles * rows, m), dtype=np.int64)
     padded[:, :, :k] = slices
-    sums = padded.reshape(s_count, polarities, tiles, rows, m).sum(axis=3)
-    return sums.max(axis=(1, 3)) if m else np.zeros((s_count, tiles), dtype=np.int64)
+    return padded.reshape(s_count, polarities, tiles, rows, m).sum(axis=3)
 
 
-def adc_bits_needed(max_column_sum: int, input_bits_per_cycle: int) -> int:
-    """ADC bits for no saturation on a column whose cells sum to max_column_sum, for any input digits."""
-    return adc_bits_for(int(max_column_sum) * ((1 << input_bits_per_cycle) - 1))
+def adc_bits_needed(column_sum: int | np.ndarray, input_bits_per_cycle: int) -> int | np.ndarray:
+    """ADC bits for no saturation on a column whose cells sum to column_sum, for any input digits (elementwise)."""
+    peak = np.asarray(column_sum, dtype=np.int64) * ((1 << input_bits_per_cycle) - 1)
+    bits = np.maximum(1, np.ceil(np.log2(peak.astype(np.float64) + 1.0))).astype(np.int64)
+    return int(bits) if bits.ndim == 0 else bits

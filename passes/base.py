@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
@@ -34,16 +33,19 @@ class PassContext:
     """
 
     calibration: dict[str, np.ndarray] | None = None
-    calibration_is_random: bool = True
+    calibration_is_random: bool | None = None
     evaluation: dict[str, np.ndarray] | None = None
     seed: int = 0
     progress: Callable[[str, float], None] | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.calibration_is_random is None:
+            self.calibration_is_random = self.calibration is None
+
     def warn(self, message: str) -> None:
-        """Record a warning; the pipeline shows it and puts it in the report."""
+        """Record a warning; the pipeline prints it and puts it in the report."""
         self.warnings.append(message)
-        warnings.warn(message, stacklevel=2)
 
     def report_progress(self, what: str, fraction: float) -> None:
         if self.progress is not None:
@@ -146,4 +148,6 @@ def compile_regex(pass_name: str, key: str, pattern: str | None) -> re.Pattern |
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise UsageError(f"pass {pass_name}: option {key}={pattern!r} is not a valid regular expression ({e})") from None
+        raise UsageError(
+            f"pass {pass_name}: option {key}={pattern!r} is not a valid regular expression ({e})"
+        ) from None
