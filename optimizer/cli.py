@@ -1,4 +1,6 @@
-"""`optimize`: the command-line entry point. Parses options, calls the library, prints tables, maps errors to exit codes.
+"""`optimize`: the command-line entry point.
+
+It parses options, calls the library, prints tables and maps errors to exit codes.
 
 Exit codes: 0 ok; 1 failure (a pass failed, verification failed, a runtime failed); 2 usage error.
 Without --debug a failure is one line on stderr; with --debug the traceback follows.
@@ -6,7 +8,6 @@ Without --debug a failure is one line on stderr; with --debug the traceback foll
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,6 @@ from pathlib import Path
 import click
 
 from optimizer.errors import SculptError, UsageError
-
 
 
 class DefaultToApply(click.Group):
@@ -237,6 +237,40 @@ def bench_cmd(models, runtime_names, input_path, eval_path, batch, threads, runs
                     warmup=warmup, seed=seed, runtime_options=options, evaluation=evaluation)
     _write_json(report, results)
     print_bench(results)
+
+
+@cli.command("reram-sweep")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--eval", "eval_path", required=True, type=click.Path(dir_okay=False), help=".npz with 'labels'")
+@click.option("--adc-bits", default="1-9", show_default=True, help="ADC resolutions: a range (1-9) or a list (2,4,8)")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write accuracy and saturation against ADC bits (PNG)")
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".npz for float models' activation ranges")
+@click.option("--report", type=click.Path(dir_okay=False), help="write the sweep as JSON")
+@click.option("--reram", "reram_opts", multiple=True, metavar="k=v,...", help="reram runtime options")
+@click.option("--reram-config", type=click.Path(dir_okay=False), help="YAML file of reram options")
+@_debug_option
+def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram_opts, reram_config, debug):
+    """Accuracy and ADC saturation of MODEL on the reram emulator against ADC resolution."""
+    from optimizer.data import load_npz
+    from optimizer.model import load_model
+    from runtimes.reram.sweep import check_plot_path, parse_bits, sweep, table_lines, write_plot
+
+    bits = parse_bits(adc_bits)
+    if plot:
+        check_plot_path(plot)
+    proto = load_model(model)
+    evaluation = load_npz(eval_path, proto)
+    options = _collect_runtime_options(["reram"], (), reram_opts, reram_config).get("reram", {})
+    if calibration:
+        options["calibration"] = load_npz(calibration, proto)
+    result = sweep(proto, evaluation, adc_bits=bits, options=options,
+                   progress=lambda text: click.echo(f"reram-sweep: {text}…", err=True))
+    for line in table_lines(result):
+        click.echo(line)
+    if plot:
+        write_plot(result, plot, title=f"{Path(model).name} on the ReRAM emulator")
+        click.echo(f"wrote {plot}")
+    _write_json(report, {"model": str(model), "reram_sweep": result})
 
 
 @cli.command("compare")

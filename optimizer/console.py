@@ -37,6 +37,10 @@ def print_pipeline_report(report: dict) -> None:
                       f"{v['max_rel_err']:.2e}", f"{v['cosine']:.6f}",
                       "-" if v["top1_agreement"] is None else f"{v['top1_agreement']:.4f}")
     console.print(table)
+    for entry in report["passes"]:
+        summary = _scalar_details(entry["details"])
+        if summary:
+            console.print(f"[bold]{entry['name']}[/bold]: {summary}")
     stats = Table(title="model", title_justify="left")
     for column in ("", "params", "MACs", "bytes", "nodes", "weight sparsity"):
         stats.add_column(column, justify="right")
@@ -54,6 +58,17 @@ def print_pipeline_report(report: dict) -> None:
                       f"({(e['output'] - e['input']) * 100:+.2f} pt)")
     for warning in report.get("warnings", []):
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _scalar_details(details: dict) -> str:
+    """The pass's one-number facts (counts, ratios); per-layer lists stay in the JSON report."""
+    parts = []
+    for key, value in details.items():
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            parts.append(f"{key}={value}")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+    return ", ".join(parts)
 
 
 def print_passes() -> None:
