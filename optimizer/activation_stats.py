@@ -1,0 +1,182 @@
+"""Measured activation statistics: run a model on real inputs and look at every intermediate tensor.
+
+ReLU outputs already hold many exact zeros ("natural sparsity"); a zero-skipping engine or a ReRAM crossbar
+(zero input codes leave wordlines idle) saves work on each of them. `activation_stats` measures that per tensor:
+
+    >>> rows = activation_stats(model, {"input": images})
+    >>> rows[2]
+    {'tensor': 'relu1', 'node': '/relu/Relu', 'op': 'Relu', 'shape': [300, 16, 8, 8],
+     'sparsity': 0.53, 'mean': 0.41, 'max': 6.2}
+
+`ProbeSession` is the machinery underneath: an onnxruntime session on a copy of the model whose graph outputs
+also expose the tensors asked for. The activation-prune pass reuses it to calibrate its masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from optimizer.errors import RuntimeFailure, UsageError
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type is known after (lenient) shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference failures leave us with the declared types only
+        inferred = model
+    graph = inferred.graph
+    types = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+class ProbeSession:
+    """An onnxruntime session that also returns the intermediate tensors `probes`.
+
+    Preconditions: every probe is produced by a node of the top-level graph and has an inferable element type
+    (`tensor_types`). `run` returns the model's own outputs and the probes, by name.
+    """
+
+    def __init__(self, model: onnx.ModelProto, probes: Iterable[str], *, threads: int | None = 1):
+        types = tensor_types(model)
+        probed = onnx.ModelProto()
+        probed.CopyFrom(model)
+        present = {o.name for o in probed.graph.output}
+        for name in dict.fromkeys(probes):
+            if name in present:
+                continue
+            if name not in types:
+                raise UsageError(f"cannot observe tensor {name!r}: its element type is not known after shape inference")
+            probed.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            present.add(name)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(
+                probed.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime has no common base exception type
+            raise RuntimeFailure(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise UsageError(f"no data for model input {missing[0]!r}; inputs given: {', '.join(feeds) or '(none)'}")
+        try:
+            outputs = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        except Exception as e:
+            raise RuntimeFailure(f"onnxruntime failed to run the model: {_first_line(e)}") from e
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def activation_stats(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, tensors: Iterable[str] | None = None
+) -> list[dict]:
+    """One row per floating-point tensor produced by a node (or per name in `tensors`), in graph order.
+
+    Row keys: tensor, node (producer name), op (producer op type), shape (as observed, batch included),
+    sparsity (fraction of exact zeros), mean, max. A tensor whose element type cannot be inferred gets a row
+    with those figures set to None and a `note` saying why. Extra keys in `feeds` (e.g. "labels") are ignored.
+    """
+    types = tensor_types(model)
+    producers = {out: node for node in model.graph.node for out in node.output if out and node.op_type != "Constant"}
+    wanted = list(producers) if tensors is None else list(tensors)
+    unknown = [name for name in wanted if name not in producers]
+    if unknown:
+        raise UsageError(f"tensor {unknown[0]!r} is not produced by any node of the model")
+    observable = [name for name in wanted if types.get(name) in _FLOAT_TYPES]
+    values = ProbeSession(model, observable).run(feeds) if observable else {}
+    rows = []
+    for name in wanted:
+        node = producers[name]
+        row = {"tensor": name, "node": node.name, "op": node.op_type}
+        if name in values:
+            row.update(describe_values(values[name]))
+        elif name in types:
+            continue  # integer and boolean tensors (shapes, indices, masks) are not activations
+        else:
+            row.update(shape=None, sparsity=None, mean=None, max=None, note="element type not inferable")
+        rows.append(row)
+    return rows
+
+
+def describe_values(values: np.ndarray) -> dict:
+    """shape, sparsity (fraction of exact zeros), mean and max of one observed tensor."""
+    flat = values.astype(np.float64, copy=False).ravel()
+    if flat.size == 0:
+        return {"shape": list(values.shape), "sparsity": 0.0, "mean": 0.0, "max": 0.0}
+    return {
+        "shape": list(values.shape),
+        "sparsity": float(np.count_nonzero(flat == 0) / flat.size),
+        "mean": float(flat.mean()),
+        "max": float(flat.max()),
+    }
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def zero_skip_macs(
+    node: onnx.NodeProto, index: int, values: np.ndarray, constants: dict[str, np.ndarray]
+) -> dict[str, float | str]:
+    """MACs per sample of a Conv/Gemm/MatMul, and how many of them read a zero of input `index` (`values`, batch
+    first): what an engine that skips zero activations would skip. Exact, padding and strides included.
+
+    Returns {"macs", "skipped_macs"} or {"note": why it cannot count}. Only the data operand is counted; the
+    weight operand must be a constant (`constants`: initializer name -> array).
+    """
+    weight = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if index != 0:
+        return {"note": f"the activation is operand {index} of {node.op_type} {node.name!r}, not its data input"}
+    if weight is None:
+        return {"note": f"{node.op_type} {node.name!r} has no constant weight"}
+    samples = max(values.shape[0], 1)
+    if node.op_type == "Conv":
+        return _conv_zero_skip_macs(node, values, weight, samples)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        outputs = weight.shape[0] if attrs.get("transB", 0) else weight.shape[1]
+    elif weight.ndim == 2:
+        outputs = weight.shape[1]
+    else:
+        return {"note": f"MatMul {node.name!r} has a {weight.ndim}-D weight; only 2-D weights are counted"}
+    zeros = np.count_nonzero(values == 0)
+    return {"macs": float(values.size * outputs / samples), "skipped_macs": float(zeros * outputs / samples)}
+
+
+def _conv_zero_skip_macs(node: onnx.NodeProto, values: np.ndarray, weight: np.ndarray, samples: int) -> dict:
+    """Convolving the zero indicator with an all-ones kernel counts, per output, the zero inputs it reads."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["zeros", "ones"], ["count"], name="count")],
+        "zero_skip_macs",
+        [onnx.helper.make_tensor_value_info("zeros", onnx.TensorProto.FLOAT, values.shape)],
+        [onnx.helper.make_tensor_value_info("count", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones(weight.shape, np.float32), "ones")],
+    )
+    graph.node[0].attribute.extend(node.attribute)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    session = ProbeSession(model, [])
+    count = session.run({"zeros": (values == 0).astype(np.float32)})["count"]
+    reads_per_output = int(np.prod(weight.shape[1:]))
+    return {
+        "macs": count.size * reads_per_output / samples,
+        "skipped_macs": float(count.sum(dtype=np.float64)) / samples,
+    }
