@@ -124,3 +124,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def copy_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Copy the model-level facts (versions, producer, docs, `sculpt.` metadata, opsets) onto a rebuilt model.
+
+    onnx-graphsurgeon rebuilds the ModelProto from the graph alone; passes that use it call this afterwards.
+    """
+    target.ir_version = source.ir_version
+    target.producer_name = source.producer_name
+    target.producer_version = source.producer_version
+    target.domain = source.domain
+    target.model_version = source.model_version
+    target.doc_string = source.doc_string
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.model import copy_model_fields
 from passes import Pass, PassContext, option, register
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
@@ -121,7 +122,7 @@ def cleanup_with_details(model: onnx.ModelProto, fold_bn: bool = True) -> tuple[
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.fold_constants(error_ok=True).cleanup()
     cleaned = gs.export_onnx(graph, do_type_check=True)
-    _carry_metadata(model, cleaned)
+    copy_model_fields(model, cleaned)
     details = {
         "batchnorm_folded": folded,
         "batchnorm_left": bn_before - folded,
@@ -131,18 +132,6 @@ def cleanup_with_details(model: onnx.ModelProto, fold_bn: bool = True) -> tuple[
         "constant_nodes_left": sum(n.op_type == "Constant" for n in cleaned.graph.node),
     }
     return cleaned, details
-
-
-def _carry_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
-    """graphsurgeon keeps the graph; the model-level facts (producer, docs, sculpt metadata) are copied back."""
-    target.ir_version = source.ir_version
-    target.producer_name = source.producer_name
-    target.producer_version = source.producer_version
-    target.doc_string = source.doc_string
-    del target.metadata_props[:]
-    target.metadata_props.extend(source.metadata_props)
-    del target.opset_import[:]
-    target.opset_import.extend(source.opset_import)
 
 
 @register

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.model import copy_model_fields
+
 Dim = int | str | None
 
 
@@ -145,7 +147,7 @@ class GraphView:
                 tensor.shape = None
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)
-        _carry_model_fields(self.source, model)
+        copy_model_fields(self.source, model)
         del model.graph.value_info[:]  # graphsurgeon writes type-only entries; inference gives full ones
         model.graph.value_info.extend(inferred_value_info(model))
         return model
@@ -262,15 +264,3 @@ def _names_used_in_subgraphs(graph: gs.Graph) -> set[str]:
     return names
 
 
-def _carry_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
-    """graphsurgeon rebuilds the ModelProto; the model-level facts are copied back from the source."""
-    target.ir_version = source.ir_version
-    target.producer_name = source.producer_name
-    target.producer_version = source.producer_version
-    target.domain = source.domain
-    target.model_version = source.model_version
-    target.doc_string = source.doc_string
-    del target.metadata_props[:]
-    target.metadata_props.extend(source.metadata_props)
-    del target.opset_import[:]
-    target.opset_import.extend(source.opset_import)
