@@ -1,0 +1,44 @@
+"""The PyTorch training frontend: sparsity regularizers, DFP quantization-aware training, a trainer and export.
+
+Importing this package is light: torch loads on first use of a name below (PEP 562 lazy attributes), and a
+missing torch is reported as MissingDependency naming the `train` extra.
+
+    from optimizer.training import SparsityRegularizer, Term, Trainer, TrainConfig, export
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "regularizers": ("l1", "group_lasso", "group_norms", "hoyer", "hoyer_square", "group_hoyer_square",
+                     "bitslice_l1", "magnitude_slices", "SparsityRegularizer", "Term"),
+    "masks": ("Layer", "Masks", "select_layers", "threshold_masks", "zero_filters", "zero_input_channels"),
+    "quantization": ("WeightQuantizer", "ActivationQuantizer", "QuantLinear", "QuantConv1d", "QuantConv2d",
+                     "prepare_qat", "fake_quantize_ste"),
+    "trainer": ("Trainer", "TrainConfig", "seed_everything"),
+    "export": ("export",),
+    "activation": ("WTADropout", "ActivationThreshold", "ThresholdSchedule", "activation_density"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from optimizer.errors import MissingDependency
+
+        raise MissingDependency("torch", "train") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,237 @@
+"""Export a trained torch model to ONNX (opset 17) with the `sculpt.` metadata that the passes read.
+
+metadata_props written:
+  sculpt.regularizer    JSON list of the regularizer terms used in training (kind, weight, groups, layers)
+  sculpt.groups         JSON {layer: {"weight": initializer, "shape", "filter_axis", "channel_axis",
+                        "attached": [bias / BatchNorm γ, β initializers], "batchnorm"}}: the channel group structure
+  sculpt.quantization   JSON {"format": "dfp", "layers": {layer: bits and fractional lengths}} for QAT models
+  sculpt.<key>          anything passed in `metadata` (strings as they are, other values as JSON)
+
+Initializer names are the torch parameter names (BatchNorm is exported as a node, not folded, so its γ/β keep
+their names); a QAT weight becomes the int8 initializer "<param>_quantized" read by a DequantizeLinear.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import types
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from optimizer import quant
+from optimizer.errors import ModelError, UsageError
+from optimizer.model import save_model
+from optimizer.training.quantization import export_mode
+from optimizer.training.regularizers import SparsityRegularizer
+
+OPSET = 17
+
+
+def export(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    regularizer: SparsityRegularizer | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> onnx.ModelProto:
+    """Write `model` (eval mode) as ONNX to `path` atomically and return the ModelProto.
+
+    example_inputs: one tensor or a sequence (one per forward argument). Names default to "input" / "output"
+    (numbered when there are several). dynamic_batch makes axis 0 of every input and output symbolic ("batch").
+    """
+    if not isinstance(example_inputs, (torch.Tensor, list, tuple)):
+        raise UsageError(f"export: example_inputs must be a tensor or a sequence of tensors, not "
+                         f"{type(example_inputs).__name__}")
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    input_names = list(input_names or _default_names("input", len(args)))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            sample_outputs = module(*args)
+        count = 1 if isinstance(sample_outputs, torch.Tensor) else len(sample_outputs)
+        output_names = list(output_names or _default_names("output", count))
+        axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
+        buffer = io.BytesIO()
+        with export_mode(module) as quantization, warnings.catch_warnings():
+            # the TorchScript exporter (the one that writes opset 17 directly) warns that it is deprecated
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
+                output_names=output_names, dynamic_axes=axes, do_constant_folding=False,
+            )
+    finally:
+        module.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    _fold_constants(proto.graph)
+    _fold_weight_quantizers(proto)
+    _quantize_biases(proto.graph, quantization)
+    _write_metadata(proto, _sculpt_metadata(proto, regularizer, quantization, metadata))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelError(f"{path}: the exported model fails the ONNX checker: {str(e).splitlines()[0]}") from e
+    save_model(proto, path)
+    return proto
+
+
+def _default_names(stem: str, count: int) -> list[str]:
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+
+
+def _sculpt_metadata(
+    proto: onnx.ModelProto, regularizer: SparsityRegularizer | None, quantization: dict, extra: Mapping | None
+) -> dict[str, str]:
+    out = {}
+    initializers = {t.name for t in proto.graph.initializer}
+    if regularizer is not None:
+        description = regularizer.describe()
+        out["sculpt.regularizer"] = json.dumps(description["terms"])
+        out["sculpt.groups"] = json.dumps(_onnx_names(description["layers"], initializers))
+    if quantization:
+        out["sculpt.quantization"] = json.dumps({"format": "dfp", "layers": quantization})
+    for key, value in (extra or {}).items():
+        name = key if key.startswith("sculpt.") else f"sculpt.{key}"
+        out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def _onnx_names(layers: dict, initializers: set[str]) -> dict:
+    """Point the group structure at initializers that exist (a QAT weight is stored as '<name>_quantized')."""
+    mapped = {}
+    for name, layer in layers.items():
+        weight = layer["weight"]
+        if weight not in initializers and f"{weight}_quantized" in initializers:
+            weight = f"{weight}_quantized"
+        if weight not in initializers:
+            raise ModelError(f"layer {name}: its weight {layer['weight']} is not an initializer of the exported model")
+        attached = [a if a in initializers else f"{a}_quantized" for a in layer["attached"]]
+        mapped[name] = {**layer, "weight": weight, "attached": [a for a in attached if a in initializers]}
+    return mapped
+
+
+def _write_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+
+
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Constant nodes and Cast(constant) -> initializers. The exporter writes every quantizer scale, zero point
+    and clip bound that way; as initializers the QDQ pattern is the standard one that other tools read."""
+    for node in [n for n in graph.node if n.op_type == "Constant"]:
+        if node.attribute and node.attribute[0].name == "value":
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t),
+                                                             node.output[0]))
+            graph.node.remove(node)
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "Cast" and n.input[0] in constants]:
+        to = next(a.i for a in node.attribute if a.name == "to")
+        value = constants[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
+    _drop_unused(graph)
+
+
+def _fold_weight_quantizers(proto: onnx.ModelProto) -> None:
+    """QuantizeLinear(float weight initializer) -> an int8 initializer holding the codes (optimizer.quant math).
+
+    What is left is the standard QDQ weight form, int8 initializer -> DequantizeLinear, which the `bit-slice`
+    pass and the ReRAM runtime read directly.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {name: numpy_helper.to_array(t) for name, t in initializers.items()}
+    folded = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[0]])
+        scale, zero_point = constants.get(node.input[1]), constants.get(node.input[2])
+        if scale is None or zero_point is None or np.any(zero_point != 0) or zero_point.dtype != np.int8:
+            raise ModelError(f"QuantizeLinear {node.name}: expected a constant scale and a zero int8 zero point")
+        fl = -np.log2(scale.astype(np.float64))
+        if not np.allclose(fl, np.round(fl)):
+            raise ModelError(f"QuantizeLinear {node.name}: scale {scale} is not a power of two (not DFP)")
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        fl = np.round(fl).astype(np.int64)
+        if fl.ndim == 1:
+            fl = fl.reshape([-1 if i == axis % weight.ndim else 1 for i in range(weight.ndim)])
+        codes = quant.quantize_dfp(weight, 8, fl).astype(np.int8)
+        name = f"{node.input[0]}_quantized"
+        graph.initializer.append(numpy_helper.from_array(codes, name))
+        folded.append((node, name))
+    for node, name in folded:
+        for consumer in graph.node:
+            for i, tensor in enumerate(consumer.input):
+                if tensor == node.output[0]:
+                    consumer.input[i] = name
+        graph.node.remove(node)
+    _drop_unused(graph)
+
+
+def _quantize_biases(graph: onnx.GraphProto, quantization: dict) -> None:
+    """A QAT layer's bias (already on its grid, see quantization.export_mode) -> int32 codes -> DequantizeLinear
+    with scale 2^-(fl_in + fl_w), the bias form the `quantize` pass writes."""
+    initializers = {t.name: t for t in graph.initializer}
+    for layer, info in quantization.items():
+        name = f"{layer}.bias"
+        if info["bias_frac_length"] is None or name not in initializers:
+            continue
+        fl = np.asarray(info["bias_frac_length"], dtype=np.int64)
+        bias = numpy_helper.to_array(initializers[name]).astype(np.float64)
+        codes = np.rint(bias * np.exp2(fl))
+        if np.abs(codes).max(initial=0) > quant.qmax(32):
+            raise ModelError(f"layer {layer}: a bias code overflows int32 (bias too large for its grid)")
+        per_channel = fl.ndim == 1
+        scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
+        graph.initializer.extend([
+            numpy_helper.from_array(codes.astype(np.int32), f"{name}_quantized"),
+            numpy_helper.from_array(scale, f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{name}_zero_point"),
+        ])
+        dequantize = onnx.helper.make_node(
+            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+            name=f"{layer}/bias_DequantizeLinear", **({"axis": 0} if per_channel else {}),
+        )
+        readers = [n for n in graph.node if name in n.input]
+        for reader in readers:
+            reader.input[list(reader.input).index(name)] = f"{name}_dequantized"
+        graph.node.insert(min(list(graph.node).index(r) for r in readers), dequantize)
+    _drop_unused(graph)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove initializers that nothing reads any more (after folding)."""
+    used = {tensor for node in graph.node for tensor in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+class _CallableModule(types.ModuleType):
+    """`optimizer.training.export` names both this module and its function; calling the module calls the function,
+    so `optimizer.training.export(...)` works whichever of the two an earlier import left on the package."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> onnx.ModelProto:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
