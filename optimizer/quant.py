@@ -19,6 +19,8 @@ from typing import Literal
 
 import numpy as np
 
+# metadata_props key of a quantized model: per integer weight its bits and scale (schema in passes/quantize.py)
+QUANT_METADATA_KEY = "sculpt.quant"
 SignMode = Literal["differential", "offset"]
 
 

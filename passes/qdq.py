@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizer import quant
 
-METADATA_KEY = "sculpt.quant"
+METADATA_KEY = quant.QUANT_METADATA_KEY
 
 
 @dataclass(frozen=True)

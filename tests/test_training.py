@@ -106,8 +106,9 @@ def test_qat_model_exports_to_qdq_onnx_equal_to_torch(digits, tmp_path, granular
     dtypes = {t.name: t.data_type for t in proto.graph.initializer}
     assert dtypes["0.weight_quantized"] == onnx.TensorProto.INT8
     assert dtypes["0.bias_quantized"] == onnx.TensorProto.INT32
-    layers = json.loads({p.key: p.value for p in proto.metadata_props}["sculpt.quantization"])["layers"]
-    assert layers["0"]["input_signed"] is False and layers["0"]["weight_granularity"] == granularity
+    weights = json.loads({p.key: p.value for p in proto.metadata_props}["sculpt.quant"])["weights"]
+    assert weights["0.weight_quantized"]["input_signed"] is False
+    assert weights["0.weight_quantized"]["granularity"] == granularity and weights["0.weight_quantized"]["bits"] == 8
     with torch.no_grad():
         expected = model(torch.from_numpy(x_test)).numpy()
     got = run_ort(onnx.load(tmp_path / "qat.onnx"), {"input": x_test})["logits"]

@@ -4,7 +4,8 @@ metadata_props written:
   sculpt.regularizer    JSON list of the regularizer terms used in training (kind, weight, groups, layers)
   sculpt.groups         JSON {layer: {"weight": initializer, "shape", "filter_axis", "channel_axis",
                         "attached": [bias / BatchNorm γ, β initializers], "batchnorm"}}: the channel group structure
-  sculpt.quantization   JSON {"format": "dfp", "layers": {layer: bits and fractional lengths}} for QAT models
+  sculpt.quant          JSON in the quantize pass's schema (passes/quantize.py) for QAT models: per int8 weight
+                        initializer its layer, bits, axis and fractional lengths (weight, input, bias)
   sculpt.<key>          anything passed in `metadata` (strings as they are, other values as JSON)
 
 Initializer names are the torch parameter names (BatchNorm is exported as a node, not folded, so its γ/β keep
@@ -31,6 +32,7 @@ from torch import nn
 from optimizer import quant
 from optimizer.errors import ModelError, UsageError
 from optimizer.model import save_model
+from optimizer.quant import QUANT_METADATA_KEY
 from optimizer.training.quantization import export_mode
 from optimizer.training.regularizers import SparsityRegularizer
 
@@ -104,11 +106,30 @@ def _sculpt_metadata(
         out["sculpt.regularizer"] = json.dumps(description["terms"])
         out["sculpt.groups"] = json.dumps(_onnx_names(description["layers"], initializers))
     if quantization:
-        out["sculpt.quantization"] = json.dumps({"format": "dfp", "layers": quantization})
+        out[QUANT_METADATA_KEY] = json.dumps(_quant_metadata(quantization, initializers))
     for key, value in (extra or {}).items():
         name = key if key.startswith("sculpt.") else f"sculpt.{key}"
         out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+def _quant_metadata(quantization: dict, initializers: set[str]) -> dict:
+    """The quantize pass's `sculpt.quant` schema (passes/quantize.py), so bit-slice and the reram runtime read a
+    QAT export exactly as they read a post-training quantized model; per layer it adds the training-time facts."""
+    weights = {}
+    for layer, info in quantization.items():
+        name = f"{layer}.weight_quantized"
+        if name in initializers:
+            weights[name] = {
+                "layer": layer,
+                "float_weight": f"{layer}.weight",
+                "bits": info["weight_bits"],
+                "axis": 0 if info["weight_granularity"] == "channel" else None,
+                "frac_length": info["weight_frac_length"],
+                **{k: v for k, v in info.items() if k.startswith(("input_", "bias_"))},
+                "granularity": info["weight_granularity"],
+            }
+    return {"version": 1, "scale": "dfp", "source": "qat", "weights": weights}
 
 
 def _onnx_names(layers: dict, initializers: set[str]) -> dict:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import onnx
 
 from optimizer.errors import ModelError
+from optimizer.quant import QUANT_METADATA_KEY
 
 PLAN_KEY = "sculpt.bitslice"
-QUANT_KEY = "sculpt.quant"
+QUANT_KEY = QUANT_METADATA_KEY
 
 
 @dataclass(frozen=True)
