@@ -34,7 +34,7 @@ def cli():
     \b
     optimize MODEL --pass NAME[:key=value,...] [--pass ...] -o OUT    run passes, verified after each one
     optimize passes                                                   list passes and their options
-    optimize inspect | run | bench | compare ...                      see `optimize COMMAND --help`
+    optimize inspect | run | bench | compare | sensitivity ...        see `optimize COMMAND --help`
     """
 
 
@@ -271,6 +271,50 @@ def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram
         write_plot(result, plot, title=f"{Path(model).name} on the ReRAM emulator")
         click.echo(f"wrote {plot}")
     _write_json(report, {"model": str(model), "reram_sweep": result})
+
+
+@cli.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--eval", "eval_path", required=True, type=click.Path(dir_okay=False),
+              help=".npz of inputs (with 'labels': top-1 drop; without: output cosine drop)")
+@click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="comma-separated pruning ratios")
+@click.option("--criterion", default="l1", show_default=True, help="l1 | l2 | bn-scale | hoyer")
+@click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
+@_debug_option
+def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
+    """Prune each channel group alone and list the metric drop, worst first (candidates for exclude=)."""
+    from optimizer.data import load_npz
+    from optimizer.model import load_model
+    from optimizer.sensitivity import parse_ratios, print_sensitivity, sensitivity
+
+    parsed = parse_ratios(ratios)
+    proto = load_model(model)
+    result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
+                         progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))
+    _write_json(report, {"model": str(model), **result})
+    print_sensitivity(result)
+
+
+@cli.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--trials", type=int, required=True, help="measured candidates in total (MetaSchedule)")
+@click.option("--batch", type=int, default=None, help="batch to tune for (needed when the model's batch is open)")
+@click.option("--tvm", "tvm_opts", multiple=True, metavar="k=v,...", help="tvm options (sparse, block, cache_dir)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
+@_debug_option
+def tune_cmd(model, trials, batch, tvm_opts, seed, report, debug):
+    """Tune the ops without a hand kernel for the tvm runtime; later `--runtime tvm` loads apply the records."""
+    from optimizer.model import load_model
+    from runtimes.tvm.options import parse_options
+    from runtimes.tvm.tune import tune
+
+    values = _runtime_options(["tvm"], {"tvm": tvm_opts}).get("tvm", {})
+    options = parse_options({**values, **({"batch": batch} if batch is not None else {})})
+    result = tune(load_model(model), trials=trials, options=options, seed=seed)
+    _write_json(report, {"model": str(model), "tune": result})
+    click.echo(f"tuned {len(result['tasks'])} ops with {result['trials']} trials in {result['seconds']} s; "
+               f"records: {result['work_dir']}")
 
 
 @cli.command("compare")

@@ -1,0 +1,1 @@
+"""Sculpt's hand-scheduled CPU kernels: dense GEMM and convolution (TE + s_tir schedules), block-sparse (TVMScript)."""
