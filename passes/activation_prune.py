@@ -125,7 +125,9 @@ class ActivationPrune(Pass):
         method: Literal["threshold", "wta"] = option("threshold", "threshold: y = x*(|x|>t); wta: top-k per sample")
         sparsity: float = option(0.5, "target fraction of zeros per masked activation, in [0, 1)")
         scope: Literal["uniform", "global"] = option("uniform", "same target per layer, or one cut across layers")
-        granularity: Literal["channel", "element"] = option("channel", "wta: rank channels (DASNet) or elements")
+        granularity: Literal["channel", "element"] = option(
+            "element", "wta: rank single elements per sample, or whole channels by their mean/max (DASNet)"
+        )
         score: Literal["mean", "max"] = option("mean", "wta channel score: ReduceMean or ReduceMax over spatial axes")
         threshold: float | None = option(None, "threshold method: fix t for every layer instead of calibrating")
         keep: float | None = option(None, "wta: fix the kept fraction (k = ceil(keep*units)) instead of calibrating")

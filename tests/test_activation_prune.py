@@ -108,9 +108,11 @@ def test_report_counts_skipped_macs_and_accuracy(digits):
 
 def test_max_drop_backs_off_until_accuracy_holds(digits):
     model, calibration, evaluation = digits
-    _, unlimited = prune(model, calibration, evaluation, sparsity=0.8, method="wta")
+    _, unlimited = prune(model, calibration, evaluation, sparsity=0.8, method="wta", granularity="channel")
     assert unlimited["accuracy"]["drop"] > 5.0
-    masked, report = prune(model, calibration, evaluation, sparsity=0.8, method="wta", max_drop=1.0)
+    masked, report = prune(
+        model, calibration, evaluation, sparsity=0.8, method="wta", granularity="channel", max_drop=1.0
+    )
     drop = 100 * (top1_accuracy(model, evaluation) - top1_accuracy(masked, evaluation))
     assert drop <= 1.0
     assert report["accuracy"]["drop"] == pytest.approx(drop, abs=1e-9)
@@ -145,9 +147,10 @@ def tiny_model(activation="Relu", opset=17, rank=4, **attrs):
 CASES = {
     "threshold-relu": ("Relu", 17, 4, {"method": "threshold", "threshold": 0.4}),
     "threshold-leakyrelu": ("LeakyRelu", 17, 4, {"method": "threshold", "threshold": 0.3}),
-    "wta-channel-mean-opset17": ("Relu", 17, 4, {"method": "wta", "keep": 0.5}),
-    "wta-channel-max-opset18": ("Relu", 18, 4, {"method": "wta", "keep": 0.5, "score": "max"}),
-    "wta-channel-gelu-opset20": ("Gelu", 20, 4, {"method": "wta", "keep": 0.25}),
+    "wta-channel-mean-opset17": ("Relu", 17, 4, {"method": "wta", "keep": 0.5, "granularity": "channel"}),
+    "wta-channel-max-opset18": ("Relu", 18, 4,
+                                {"method": "wta", "keep": 0.5, "score": "max", "granularity": "channel"}),
+    "wta-channel-gelu-opset20": ("Gelu", 20, 4, {"method": "wta", "keep": 0.25, "granularity": "channel"}),
     "wta-element": ("Relu", 17, 4, {"method": "wta", "keep": 0.3, "granularity": "element"}),
     "wta-rank2": ("Relu", 17, 2, {"method": "wta", "keep": 0.4}),
 }
@@ -164,7 +167,7 @@ def test_mask_matches_numpy_definition_at_any_batch(case, batch):
     (entry,) = masks_of(masked)
     values = ProbeSession(masked, ["a/actmask/input", "a"]).run({"x": x})
     param = entry.get("threshold", entry.get("k"))
-    granularity, score = options.get("granularity", "channel"), options.get("score", "mean")
+    granularity, score = options.get("granularity", "element"), options.get("score", "mean")
     expected = reference_mask(
         values["a/actmask/input"], options["method"], param, granularity, score, activation != "Relu"
     )

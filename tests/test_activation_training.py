@@ -103,8 +103,9 @@ def mask_op_types(model: onnx.ModelProto, dense: onnx.ModelProto) -> set[str]:
 
 
 EQUIVALENT = {
-    "wta-channel": (lambda: WTADropout(0.5), {"method": "wta", "keep": 0.5}),
-    "wta-channel-max": (lambda: WTADropout(0.25, score="max"), {"method": "wta", "keep": 0.25, "score": "max"}),
+    "wta-channel": (lambda: WTADropout(0.5), {"method": "wta", "keep": 0.5, "granularity": "channel"}),
+    "wta-channel-max": (lambda: WTADropout(0.25, score="max"),
+                        {"method": "wta", "keep": 0.25, "score": "max", "granularity": "channel"}),
     "wta-element": (lambda: WTADropout(0.2, granularity="element"),
                     {"method": "wta", "keep": 0.2, "granularity": "element"}),
     "threshold": (lambda: ActivationThreshold(0.05), {"method": "threshold", "threshold": 0.05}),
