@@ -184,7 +184,7 @@ def prune(matrices: list[np.ndarray], pattern: Pattern, sparsity: float, scope: 
         return [n_of_m_mask(m, pattern.rows, pattern.cols) for m in matrices]
     rows, cols = pattern.rows, pattern.cols
     if scope == "layer":
-        return [block_masks([m], rows, cols, sparsity)[0] for m in matrices]
+        return [_keep_strongest_if_empty(m, block_masks([m], rows, cols, sparsity)[0], rows, cols) for m in matrices]
     return block_masks(matrices, rows, cols, sparsity)
 
 
@@ -215,6 +215,18 @@ def block_masks(matrices: list[np.ndarray], rows: int, cols: int, sparsity: floa
         element_keep = np.repeat(np.repeat(block_keep, rows, axis=0), cols, axis=1)
         masks.append(element_keep[: matrix.shape[0], : matrix.shape[1]])
     return masks
+
+
+def _keep_strongest_if_empty(matrix: np.ndarray, mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A layer-scope cut may round a small matrix with large blocks (16x9 in 8x8 blocks) to all zeros, which cuts
+    the network in two; keep its strongest block instead."""
+    if mask.any():
+        return mask
+    magnitude = _blocked(np.abs(matrix.astype(np.float64)), rows, cols).sum(axis=(1, 3))
+    r, c = np.unravel_index(int(np.argmax(magnitude)), magnitude.shape)
+    mask = mask.copy()
+    mask[r * rows : (r + 1) * rows, c * cols : (c + 1) * cols] = True
+    return mask
 
 
 def n_of_m_mask(matrix: np.ndarray, n: int, m: int) -> np.ndarray:

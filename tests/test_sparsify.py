@@ -211,3 +211,17 @@ def test_runs_in_the_pipeline_and_reports_its_deviation():
     entry = report["passes"][0]
     assert entry["details"]["pattern"] == "8x8"
     assert abs(entry["details"]["achieved_sparsity"] - 0.5) <= 0.01
+
+
+def test_layer_scope_never_zeroes_a_whole_small_layer():
+    weight = np.random.default_rng(0).standard_normal((16, 1, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result, details = _run(model, sparsity=0.9, pattern="8x8")
+    kept = _weights(result)["w"].reshape(16, 9) != 0
+    assert kept.any() and details["layers"][0]["block_sparsity"] < 1.0
