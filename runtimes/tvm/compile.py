@@ -51,7 +51,7 @@ def rewritten_module(model, shapes, *, host: HostTarget, sparse: str, block: Blo
     mod = relax.transform.DecomposeOpsForInference()(mod)
     # a decomposed BatchNormalization leaves (y, mean, var)[0]: resolve it, so the chain from its conv continues
     mod = relax.transform.CanonicalizeBindings()(mod)
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv1d": ["NWC", "OWI"]})(mod)
     mod = fold_constants(mod)
     settings = RewriteSettings(sparse=sparse, block=block, lanes=host.vector_lanes)
     mod, reports, untouched = rewrite_layers(mod, settings, weight_layers(model))
@@ -113,6 +113,8 @@ def weight_layers(model: onnx.ModelProto) -> list[tuple[str, str, tuple[int, ...
         name = node.name or node.output[0]
         if node.op_type == "Conv" and len(shape) == 4:
             layers.append((name, "conv2d", (shape[0], shape[2], shape[3], shape[1])))
+        elif node.op_type == "Conv" and len(shape) == 3:
+            layers.append((name, "conv1d", (shape[0], 1, shape[2], shape[1])))
         elif node.op_type == "MatMul" and len(shape) == 2:
             layers.append((name, "matmul", shape))
         elif node.op_type == "Gemm" and len(shape) == 2:

@@ -1,8 +1,9 @@
 """Find the layers Sculpt's kernels take over in a Relax function, with the epilogue ops fused into each.
 
-A layer is a `relax.matmul(x, W)` or an NHWC `relax.nn.conv2d(x, W)` with a constant float32 weight, followed
-by a chain of single-use ops that fold into its store: `+ per-channel constant` (bias), `+ tensor of the
-same shape` (residual), then an optional `relu`. Toy example (a ResNet block's second conv):
+A layer is a `relax.matmul(x, W)`, an NHWC `relax.nn.conv2d(x, W)` or an NWC `relax.nn.conv1d(x, W)` (run as a
+conv2d of height 1) with a constant float32 weight, followed by a chain of single-use ops that fold into its store:
+`+ per-channel constant` (bias), `+ tensor of the same shape` (residual), then an optional `relu`. Toy example
+(a ResNet block's second conv):
 
     lv9  = conv2d(lv8, W)         head
     lv11 = add(lv9, b)            bias       (lv9 used once)
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_NO_KERNEL = {"relax.nn.conv1d", "relax.nn.conv3d", "relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose"}
+_NO_KERNEL = {"relax.nn.conv3d", "relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose"}
+_HEADS = {"relax.matmul": "matmul", "relax.nn.conv2d": "conv2d", "relax.nn.conv1d": "conv1d"}
 
 
 @dataclass
@@ -31,11 +33,11 @@ class ConvAttrs:
 class Layer:
     """A weight layer and the bindings fused into it. Vars are the original function's."""
 
-    kind: str  # "matmul" | "conv2d"
+    kind: str  # "matmul" | "conv2d" | "conv1d"
     head: object  # relax.Var bound to the matmul/conv
     x: object  # relax.Var: the activation input
-    weight: np.ndarray  # matmul: [K, N]; conv2d: OHWI
-    in_shape: tuple[int, ...]
+    weight: np.ndarray  # matmul: [K, N]; conv2d: OHWI; conv1d: OHWI with H = 1
+    in_shape: tuple[int, ...]  # as Relax has it: conv1d NWC, conv2d NHWC
     out_shape: tuple[int, ...]
     conv: ConvAttrs | None = None
     bias: np.ndarray | None = None  # [N]
@@ -118,12 +120,12 @@ def _match_head(binding) -> tuple[Layer | None, str | None]:
     name = binding.var.name
     if op in _NO_KERNEL:
         return None, f"{op.removeprefix('relax.nn.')} {name}: no Sculpt kernel (TVM lowering + fallback schedule)"
-    if op not in ("relax.matmul", "relax.nn.conv2d"):
+    kind = _HEADS.get(op)
+    if kind is None:
         return None, None
     call = binding.value
     x, w = call.args
     weight = _constant(w)
-    kind = "matmul" if op == "relax.matmul" else "conv2d"
     if _constant(x) is not None:
         return None, f"{kind} {name}: constant on the left (TVM lowering + fallback schedule)"
     if weight is None:
@@ -138,7 +140,19 @@ def _match_head(binding) -> tuple[Layer | None, str | None]:
             return None, f"matmul {name}: weight is not a matrix"
         return Layer(kind, binding.var, x, weight, in_shape, out_shape), None
     attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OHWI", "NHWC"):
+    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+    if kind == "conv1d":
+        if layouts != ("NWC", "OWI", "NWC"):
+            return None, f"conv1d {name}: layout {attrs.data_layout}/{attrs.kernel_layout} is not NWC/OWI"
+        left, right = (int(v) for v in attrs.padding)
+        conv = ConvAttrs(
+            padding=(0, left, 0, right),
+            strides=(1, int(attrs.strides[0])),
+            dilation=(1, int(attrs.dilation[0])),
+            groups=int(attrs.groups),
+        )
+        return Layer(kind, binding.var, x, weight[:, None], in_shape, out_shape, conv=conv), None
+    if layouts != ("NHWC", "OHWI", "NHWC"):
         return None, f"conv2d {name}: layout {attrs.data_layout}/{attrs.kernel_layout} is not NHWC/OHWI"
     conv = ConvAttrs(
         padding=tuple(int(v) for v in attrs.padding),

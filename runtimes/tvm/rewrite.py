@@ -4,6 +4,7 @@ every matmul of two activations for the batched matmul kernel.
 Weights are packed at compile time (dense: column panels; BSR: blocks plus X offsets) and enter the module as
 constants. The kernels see 2-D operands: matmul inputs are reshaped to [rows, K], conv inputs are padded in
 Relax (the pad is scheduled by the fallback rule) and the output [N*OH*OW, O] is reshaped back to NHWC.
+A conv1d runs as a conv2d of height 1: its NWC input is viewed as [N, 1, W, C], its output reshaped back to NWC.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from runtimes.tvm.kernels.epilogue import Epilogue
 from runtimes.tvm.kernels.tiles import bsr_rows, gemm_tile
 from runtimes.tvm.layers import Layer, find_layers, static_shape
 
+_ANY_TILE_HEIGHT = 24  # a row count that every preferred tile height (4, 6, 8) divides
 _OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not merge hand-scheduled kernels with their neighbours
 
 
@@ -65,7 +67,7 @@ class Gemm:
             reduce, cols = layer.weight.shape
             rows = int(np.prod(layer.in_shape[:-1], dtype=np.int64))
             return cls(rows, reduce, cols, layer.weight.T, None)
-        n, h, w, c = layer.in_shape
+        n, h, w, c = _nhwc(layer)
         top, left, bottom, right = layer.conv.padding
         o, kh, kw, _ = layer.weight.shape
         geometry = ConvGeometry(
@@ -162,9 +164,8 @@ def _emit_layer(rewriter, layer: Layer, settings: RewriteSettings, name: str):
     )
     epilogue = Epilogue(bias=layer.bias is not None, residual=layer.residual is not None, relu=layer.relu)
     x = rewriter.visit_expr(layer.x)
-    if gemm.geometry is not None and any(layer.conv.padding):
-        top, left, bottom, right = layer.conv.padding
-        x = builder.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+    if gemm.geometry is not None:
+        x = _padded_nhwc(builder, x, layer)
     if choice.kernel == "bsr":
         call = _bsr_kernel(builder, x, gemm, choice, epilogue, settings)
     else:
@@ -194,21 +195,55 @@ def _emit_layer(rewriter, layer: Layer, settings: RewriteSettings, name: str):
     return relax.op.reshape(out, list(layer.out_shape))
 
 
+def _nhwc(layer: Layer) -> tuple[int, int, int, int]:
+    """The conv input's shape as the kernels see it: NHWC, with H = 1 for a conv1d's NWC input."""
+    if layer.kind == "conv1d":
+        n, w, c = layer.in_shape
+        return n, 1, w, c
+    return layer.in_shape
+
+
+def _padded_nhwc(builder, x, layer: Layer):
+    """The conv input padded in Relax, as a 4-D NHWC tensor."""
+    from tvm import relax
+
+    top, left, bottom, right = layer.conv.padding
+    if layer.kind == "conv1d":
+        if left or right:
+            x = builder.emit(relax.op.nn.pad(x, [0, 0, left, right, 0, 0]))
+        n, w, c = layer.in_shape
+        return builder.emit(relax.op.reshape(x, [n, 1, w + left + right, c]))
+    if top or left or bottom or right:
+        x = builder.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+    return x
+
+
 def _dense_kernel(builder, x, layer: Layer, gemm: Gemm, epilogue: Epilogue, settings: RewriteSettings) -> KernelCall:
     from tvm import relax
 
-    tile = gemm_tile(gemm.rows, gemm.reduce, gemm.cols, settings.lanes)
     if gemm.geometry is None:
+        tile = gemm_tile(gemm.rows, gemm.reduce, gemm.cols, settings.lanes)
         if len(layer.in_shape) != 2:
             x = builder.emit(relax.op.reshape(x, [gemm.rows, gemm.reduce]))
         func = dense_matmul(gemm.rows, gemm.reduce, gemm.cols, tile, epilogue)
         packed = pack_columns(layer.weight, tile.bn)
     else:
+        tile = _conv_tile(gemm, settings.lanes)
         if gemm.geometry.groups > 1:
             tile = _grouped_tile(tile, gemm.geometry)
         func = dense_conv2d(gemm.geometry, tile, epilogue)
         packed = pack_conv_weight(layer.weight, tile.bn)
     return KernelCall(func, [x, relax.const(packed)], tile.describe())
+
+
+def _conv_tile(gemm: Gemm, lanes: int):
+    """The conv kernel pads its rows up to the tile height (kernels/conv.py), so a pixel count with no good divisor
+    (286 frames: 2 rows, half speed) can take the tile of a nearby count, when that wastes at most 1/8 of the rows.
+    """
+    exact = gemm_tile(gemm.rows, gemm.reduce, gemm.cols, lanes)
+    rounded = gemm_tile(-(-gemm.rows // _ANY_TILE_HEIGHT) * _ANY_TILE_HEIGHT, gemm.reduce, gemm.cols, lanes)
+    waste = -gemm.rows % rounded.mr
+    return rounded if rounded.mr > exact.mr and waste * 8 <= gemm.rows else exact
 
 
 def _grouped_tile(tile, geometry: ConvGeometry):

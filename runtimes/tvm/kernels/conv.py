@@ -3,6 +3,9 @@
 Rows are output pixels j = (n, oh, ow), columns output channels, the reduction runs over (kh, kw, c). No im2col
 buffer is written: the kernel reads the padded input directly, so the inner loop over c is contiguous, and the
 GEMM schedule of kernels/dense.py applies unchanged. Groups, stride and dilation are index arithmetic.
+A 1-D convolution is the case H = 1. When the pixel count is not a multiple of the register tile's rows, the
+accumulation runs over a few extra rows that recompute the last pixel and are never stored: a full-height tile
+everywhere is faster than a tile height that divides the count (286 output frames would otherwise get 2 rows).
 """
 
 from __future__ import annotations
@@ -90,5 +93,10 @@ def dense_conv2d(geometry: ConvGeometry, tile: GemmTile, epilogue: Epilogue):
         pixel = x[n, top + kh * g.dilation[0], left + kw * g.dilation[1], channel(o)]
         return pixel * w[o // bn, kh, kw, c, o % bn]
 
-    acc = te.compute((g.rows, padded), lambda j, o: te.sum(product(j, o), axis=[kh, kw, c]), name="acc")
+    rows = -(-g.rows // tile.mr) * tile.mr
+
+    def accumulate(j, o):
+        return te.sum(product(tirx.min(j, g.rows - 1) if rows > g.rows else j, o), axis=[kh, kw, c])
+
+    acc = te.compute((rows, padded), accumulate, name="acc")
     return build_gemm(acc, [x, w], g.rows, g.out_channels, tile, epilogue)
