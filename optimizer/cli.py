@@ -60,8 +60,10 @@ def _write_json(path: str | None, payload: dict) -> None:
 @click.option("--report", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--seed", type=int, default=None, help="seed for random choices and random inputs [0]")
 @click.option("--batch", type=int, default=1, show_default=True, help="batch size for random inputs")
+@click.option("--plan-out", type=click.Path(dir_okay=False), help="write the structured-sparse plan as JSON")
 @_debug_option
-def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, debug):
+def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, plan_out,
+              debug):
     """Run passes on MODEL and write the result to OUT."""
     from optimizer.console import print_pipeline_report, progress_printer
     from optimizer.data import load_npz
@@ -76,6 +78,11 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     if not specs:
         raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
     pass_objects = [build_pass(spec) for spec in specs]
+    if plan_out:
+        planners = [p for p in pass_objects if p.name == "structured-sparse"]
+        if len(planners) != 1:
+            raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
+        planners[0].options.plan_out = plan_out
     out_path = Path(output)
     if not out_path.parent.is_dir():
         raise UsageError(f"{output}: output directory {out_path.parent} does not exist")

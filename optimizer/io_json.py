@@ -21,6 +21,9 @@ def atomic_path(path: str | os.PathLike):
         raise UsageError(f"{path}: directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a report or output is an ordinary file
     try:
         yield tmp
         os.replace(tmp, path)
