@@ -14,6 +14,7 @@ import onnx
 from runtimes.tvm.fold import fold_constants
 from runtimes.tvm.importer import import_onnx
 from runtimes.tvm.kernels.bsr import BlockShape
+from runtimes.tvm.legalize_minmax import legalize_minmax
 from runtimes.tvm.rewrite import RewriteSettings, rewrite_layers
 from runtimes.tvm.target import HostTarget
 
@@ -51,6 +52,7 @@ def rewritten_module(model, shapes, *, host: HostTarget, sparse: str, block: Blo
     mod = relax.transform.DecomposeOpsForInference()(mod)
     # a decomposed BatchNormalization leaves (y, mean, var)[0]: resolve it, so the chain from its conv continues
     mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = legalize_minmax(mod)  # ConvertLayout fails on the importer's max/min(stack(...), axis=0)
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv1d": ["NWC", "OWI"]})(mod)
     mod = fold_constants(mod)
     settings = RewriteSettings(sparse=sparse, block=block, lanes=host.vector_lanes)
