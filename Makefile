@@ -23,7 +23,8 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
-demo: install digits-demo
+demo: install
+	$(PY) -m samples.speaker.demo
 
 digits-demo: install
 	$(PY) samples/digits/digits_cnn.py $(DIGITS)
