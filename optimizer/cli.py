@@ -34,7 +34,7 @@ def cli():
     \b
     optimize MODEL --pass NAME[:key=value,...] [--pass ...] -o OUT    run passes, verified after each one
     optimize passes                                                   list passes and their options
-    optimize inspect | run | bench | compare | sensitivity ...        see `optimize COMMAND --help`
+    optimize inspect | run | bench | compare | sensitivity | tune | reram-sweep   see `optimize COMMAND --help`
     """
 
 
