@@ -123,3 +123,33 @@ def test_exported_embedding_matches_torch_and_folding_keeps_the_function(tmp_pat
         folded = fold_batch_norm(model).eval().embed(features).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(folded, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zeroed_groups_are_removed_exactly_by_the_pass(tmp_path):
+    torch = pytest.importorskip("torch")
+    import optimizer
+    from optimizer.verify import run_ort
+    from samples.speaker.model import XVectorTDNN, fold_batch_norm
+    from samples.speaker.train import TrainingPlan, export_embedding, group_masks, sparsity_regularizer
+
+    torch.manual_seed(1)
+    model = fold_batch_norm(XVectorTDNN(5, frame_channels=(8, 8, 8, 8, 12), embedding_dim=6).eval()).eval()
+    with torch.no_grad():
+        # kill half of every frame layer's filters, and four of segment6's input columns (mean and std of one
+        # pooled channel, plus two of one more channel's)
+        for conv in (m for m in model.frame_layers if isinstance(m, torch.nn.Conv1d)):
+            conv.weight[::2] *= 1e-6
+            conv.bias[::2] *= 1e-6
+        model.segment6.weight[:, [1, 13]] *= 1e-6
+    regularizer = sparsity_regularizer(model, TrainingPlan())
+    group_masks(regularizer, std_ratio=0.1)
+    features = torch.randn(2, N_MELS, 40)
+    with torch.no_grad():
+        expected = model.embed(features).numpy()
+    proto = export_embedding(model, tmp_path / "sparse.onnx", 40, regularizer)
+    pruned, report = optimizer.optimize(
+        proto, passes=["structured-sparse:criterion=zero"], calibration={"features": features.numpy()}
+    )
+    kept = [g["channels_after"] for g in report["passes"][0]["details"]["groups"]]
+    assert kept == [4, 4, 4, 4, 5, 6]  # the last frame layer also loses pooled channel 1 (both columns zero)
+    np.testing.assert_allclose(run_ort(pruned, {"features": features.numpy()})["embedding"], expected, atol=1e-5)

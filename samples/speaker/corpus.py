@@ -36,7 +36,7 @@ class CorpusConfig:
     n_train_speakers: int = 60
     train_utterances: int = 20
     train_frames: int = 400
-    n_test_speakers: int = 20
+    n_test_speakers: int = 40
     test_utterances: int = 16
     test_frames: int = 300
     farfield: FarField = field(default_factory=FarField)

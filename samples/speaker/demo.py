@@ -7,7 +7,7 @@
 3. export both to ONNX and run `optimize(..., passes=["structured-sparse:criterion=zero"])` on the regularized
    one: an exact pass, verified by the pipeline, that physically removes the zeroed channels;
 4. score held-out speakers' trials with cosine similarity (EER) before and after, and for the dense model
-   pruned by the same pass (l2 criterion) to the same parameter count without the regularizer;
+   (trained without the regularizer) pruned by the same pass, l2 criterion, to the same shape and size;
 5. benchmark dense vs pruned on ONNX Runtime and TVM side by side (1 thread, one 3-second utterance);
 6. write samples/speaker/results.json.
 """
@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 import optimizer
 from optimizer.bench import bench
@@ -32,6 +35,7 @@ from optimizer.verify import run_ort
 from passes.structured_sparse import count_params
 from samples.speaker.corpus import GENERATED_DIR, Corpus, CorpusConfig, build
 from samples.speaker.eer import cosine_scores, equal_error_rate
+from samples.speaker.model import fold_batch_norm
 from samples.speaker.train import TrainedModels, TrainingPlan, export_embedding, train_or_load
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -49,23 +53,18 @@ def eer_percent(model: onnx.ModelProto, features: np.ndarray, labels: np.ndarray
     return 100.0 * equal_error_rate(*cosine_scores(embeddings(model, features), labels))
 
 
-def prune_to_params(model: onnx.ModelProto, target_params: int, calibration: dict) -> tuple[onnx.ModelProto, dict]:
-    """The same pass with an importance criterion, its uniform ratio bisected until the parameter count is the
-    closest it gets to `target_params`."""
-    low, high = 0.0, 0.99
-    best: tuple[int, onnx.ModelProto, dict] | None = None
-    for _ in range(12):
-        ratio = (low + high) / 2
-        spec = f"structured-sparse:criterion={BASELINE_CRITERION},ratio={ratio:.5f}"
-        pruned, report = optimizer.optimize(model, passes=[spec], calibration=calibration)
-        params = count_params(pruned)
-        if best is None or abs(params - target_params) < best[0]:
-            best = (abs(params - target_params), pruned, report)
-        if params > target_params:
-            low = ratio
-        else:
-            high = ratio
-    return best[1], best[2]
+def prune_like(model: onnx.ModelProto, groups: list[dict], calibration: dict) -> tuple[onnx.ModelProto, dict]:
+    """The same pass with an importance criterion instead of `zero`: every group the regularized model lost
+    channels in is cut to the same width, keeping the channels with the largest producer norms. One pass per
+    group (the others excluded), so the result has exactly the pruned model's shape and parameter count."""
+    pruned = [g for g in groups if g["channels_after"] < g["channels_before"]]
+    specs = []
+    for group in pruned:
+        others = [re.escape(p) for g in groups if g is not group for p in g["producers"]]
+        ratio = (group["channels_before"] - group["channels_after"]) / group["channels_before"]
+        options = {"criterion": BASELINE_CRITERION, "ratio": ratio, "exclude": f"^({'|'.join(others)})$"}
+        specs.append(("structured-sparse", options))
+    return optimizer.optimize(model, passes=specs, calibration=calibration)
 
 
 def print_groups(report: dict) -> None:
@@ -106,8 +105,6 @@ class Stages:
 
 
 def prepare(args: argparse.Namespace, stage: Stages) -> tuple[Corpus, TrainedModels]:
-    import torch
-
     torch.set_num_threads(args.threads)
     corpus_config, plan = CorpusConfig(), TrainingPlan()
     stage("1. corpus")
@@ -135,11 +132,14 @@ def showcase(corpus: Corpus, trained: TrainedModels, stage: Stages, runs: int, o
     """Export, prune, score and benchmark; returns the figures written to results.json."""
     stage("3. export and structured-sparse")
     frames = corpus.test_features.shape[2]
-    dense = export_embedding(trained.dense, out_dir / "dense.onnx", frames)
+    # BatchNorm folded (the same function): the dense graph then names its layers like the regularized one
+    dense = export_embedding(fold_batch_norm(trained.dense), out_dir / "dense.onnx", frames)
     regularized = export_embedding(trained.sparse, out_dir / "regularized.onnx", frames, trained.regularizer)
     calibration = {"features": corpus.test_features[:8]}
     pruned, report = optimizer.optimize(regularized, passes=[PRUNE_SPEC], calibration=calibration)
     save_model(pruned, out_dir / "pruned.onnx")
+    shell = f"optimize {os.path.relpath(out_dir / 'regularized.onnx')} --pass {PRUNE_SPEC} -o pruned.onnx"
+    console.print(f"[dim]the same from the shell: {shell}[/dim]")
     print_pipeline_report(report)
     print_groups(report)
     params_before, params_after = report["input"]["params"], report["output"]["params"]
@@ -150,7 +150,7 @@ def showcase(corpus: Corpus, trained: TrainedModels, stage: Stages, runs: int, o
     eer_dense = eer_percent(dense, features, labels)
     eer_regularized = eer_percent(regularized, features, labels)
     eer_pruned = eer_percent(pruned, features, labels)
-    baseline_pruned, _ = prune_to_params(dense, params_after, calibration)
+    baseline_pruned, _ = prune_like(dense, report["passes"][-1]["details"]["groups"], calibration)
     eer_baseline_pruned = eer_percent(baseline_pruned, features, labels)
     console.print(f"{len(labels) * (len(labels) - 1) // 2:,} trials; EER in %")
     rows = [
@@ -162,7 +162,7 @@ def showcase(corpus: Corpus, trained: TrainedModels, stage: Stages, runs: int, o
             f"{eer_pruned - eer_dense:+.2f} pt vs dense; {params_removed:.1%} of {params_before:,} parameters removed",
         ),
         (
-            f"dense pruned to the same size ({BASELINE_CRITERION})",
+            f"dense pruned to the same shape ({BASELINE_CRITERION})",
             eer_baseline_pruned,
             f"{eer_baseline_pruned - eer_dense:+.2f} pt vs dense; {count_params(baseline_pruned):,} parameters",
         ),
@@ -171,6 +171,7 @@ def showcase(corpus: Corpus, trained: TrainedModels, stage: Stages, runs: int, o
         console.print(f"  {label:44s} {value:6.2f}  {note}")
 
     stage("5. latency, dense vs pruned, side by side (1 thread, one 3-second utterance)")
+    # cleaned as the pass cleans its input, so both graphs differ only by the removed channels
     dense_clean, _ = optimizer.optimize(dense, passes=["cleanup"], calibration=calibration)
     results = bench(
         [("dense", dense_clean), ("pruned", pruned)],

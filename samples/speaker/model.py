@@ -21,7 +21,9 @@ from samples.speaker.features import N_MELS
 
 # (kernel size, dilation) of each frame layer: the contexts {t-2..t+2}, {t-2,t,t+2}, {t-3,t,t+3}, {t}, {t}.
 FRAME_CONTEXTS = ((5, 1), (3, 2), (3, 3), (1, 1), (1, 1))
-DEFAULT_FRAME_CHANNELS = (128, 128, 128, 128, 384)
+# The statistics layer is the widest, as in Kaldi's x-vector (512 frame units, 1500 before pooling): mean and
+# standard deviation of many channels make a rich utterance summary, and it is also where most redundancy lies.
+DEFAULT_FRAME_CHANNELS = (64, 64, 64, 64, 1024)
 # Floor under the variance in statistics pooling: keeps sqrt differentiable when a channel is constant.
 VARIANCE_FLOOR = 1e-8
 

@@ -37,7 +37,7 @@ from optimizer.training import (
 )
 from samples.speaker.corpus import GENERATED_DIR, Corpus, CorpusConfig
 from samples.speaker.features import N_MELS
-from samples.speaker.model import EmbeddingExtractor, XVectorTDNN, fold_batch_norm
+from samples.speaker.model import DEFAULT_FRAME_CHANNELS, EmbeddingExtractor, XVectorTDNN, fold_batch_norm
 
 TRAIN_VERSION = 1
 FRAME_LAYERS = r"^frame_layers\."
@@ -49,7 +49,7 @@ class TrainingPlan:
     """Everything that decides the trained weights (with the corpus). Epochs are passes over the chunked set."""
 
     seed: int = 0
-    frame_channels: tuple[int, ...] = (96, 96, 96, 96, 512)
+    frame_channels: tuple[int, ...] = DEFAULT_FRAME_CHANNELS
     embedding_dim: int = 128
     batch_norm: bool = True
     chunk_frames: int = 100
@@ -57,11 +57,11 @@ class TrainingPlan:
     dense_epochs: int = 14
     dense_lr: float = 3e-3
     regularizer: Literal["group_lasso", "group_hoyer_square"] = "group_lasso"
-    regularizer_weight: float = 5e-3
-    segment_regularizer_weight: float = 5e-3
+    regularizer_weight: float = 1e-2
+    segment_regularizer_weight: float = 1e-2
     sparse_epochs: int = 8
     sparse_lr: float = 3e-3
-    threshold_std_ratio: float = 0.3
+    threshold_std_ratio: float = 0.1
     finetune_epochs: int = 12
     finetune_lr: float = 1e-3
 
@@ -177,8 +177,7 @@ class TrainedModels:
     from_cache: bool
 
 
-def _load(path: Path, plan: TrainingPlan, n_speakers: int) -> XVectorTDNN:
-    model = new_model(plan, n_speakers)
+def _load(path: Path, model: XVectorTDNN) -> XVectorTDNN:
     model.load_state_dict(torch.load(path, weights_only=True))
     return model
 
@@ -191,8 +190,9 @@ def train_or_load(
     dense_path, sparse_path = directory / f"dense-{key}.pt", directory / f"sparse-{key}.pt"
     n_speakers = int(corpus.train_labels.max()) + 1
     if dense_path.exists() and sparse_path.exists():
-        sparse = _load(sparse_path, plan, n_speakers)
-        return TrainedModels(_load(dense_path, plan, n_speakers), sparse, sparsity_regularizer(sparse, plan), True)
+        dense = _load(dense_path, new_model(plan, n_speakers))
+        sparse = _load(sparse_path, fold_batch_norm(new_model(plan, n_speakers)))
+        return TrainedModels(dense, sparse, sparsity_regularizer(sparse, plan), True)
     dense = train_dense(corpus, plan)
     sparse, regularizer = train_sparse(dense, corpus, plan)
     directory.mkdir(parents=True, exist_ok=True)
