@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import runtimes
+from optimizer.data import random_inputs
 from passes import PassContext
 from passes.sparsify import Sparsify
 
@@ -103,9 +104,7 @@ def tdnn_model(frames: int = 40) -> onnx.ModelProto:
 
 
 def _feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
-    value = model.graph.input[0]
-    shape = [batch] + [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
-    return {value.name: np.random.default_rng(batch).standard_normal(shape).astype(np.float32)}
+    return random_inputs(model, batch, seed=batch)
 
 
 def _assert_matches_ort(model, session, feeds):

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import runtimes
+from optimizer.data import random_inputs
 from optimizer.errors import MissingDependency, RuntimeFailure, UsageError
 from passes import PassContext
 from passes.sparsify import Sparsify
@@ -159,9 +160,7 @@ def sparsified(model: onnx.ModelProto, pattern: str, sparsity: float, exclude: s
 
 
 def _feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
-    value = model.graph.input[0]
-    shape = [batch] + [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
-    return {value.name: np.random.default_rng(batch).standard_normal(shape).astype(np.float32)}
+    return random_inputs(model, batch, seed=batch)
 
 
 def _assert_matches_ort(model, session, feeds):
