@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtimes.tvm.mutate import rewrite_functions
+
 _BINARY = {
     "relax.add": np.add,
     "relax.subtract": np.subtract,
@@ -23,16 +25,6 @@ def fold_constants(mod):
 
     @relax.expr_functor.mutator
     class NumpyFolder(relax.PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.mod_ = mod
-
-        def transform(self):
-            for gvar, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gvar, self.visit_expr(func))
-            return self.builder_.get()
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if not isinstance(call.op, ir.Op):
@@ -40,7 +32,7 @@ def fold_constants(mod):
             folded = _evaluate(call)
             return call if folded is None else relax.const(folded)
 
-    return relax.transform.FoldConstant()(NumpyFolder(mod).transform())
+    return relax.transform.FoldConstant()(rewrite_functions(NumpyFolder(mod), mod))
 
 
 def _value(expr) -> np.ndarray | None:

@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from runtimes.tvm.mutate import rewrite_functions
+
 _PAIRWISE = {"relax.max": "maximum", "relax.min": "minimum", "relax.sum": "add", "relax.mean": "add"}
 
 
@@ -24,16 +26,6 @@ def legalize_minmax(mod):
 
     @relax.expr_functor.mutator
     class PairwiseReduce(relax.PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.mod_ = mod
-
-        def transform(self):
-            for gvar, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gvar, relax.analysis.remove_all_unused(self.visit_expr(func)))
-            return self.builder_.get()
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if not isinstance(call.op, ir.Op) or call.op.name not in _PAIRWISE or not _reduces_axis_zero(call):
@@ -80,7 +72,7 @@ def legalize_minmax(mod):
                     return bound
             return expr
 
-    return PairwiseReduce(mod).transform()
+    return rewrite_functions(PairwiseReduce(mod), mod, after=relax.analysis.remove_all_unused)
 
 
 def _is_call(expr, op_name: str) -> bool:

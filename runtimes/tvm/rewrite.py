@@ -21,6 +21,7 @@ from runtimes.tvm.kernels.dense import dense_matmul, pack_columns
 from runtimes.tvm.kernels.epilogue import Epilogue
 from runtimes.tvm.kernels.tiles import bsr_rows, gemm_tile
 from runtimes.tvm.layers import Layer, find_layers, static_shape
+from runtimes.tvm.mutate import rewrite_functions
 
 _ANY_TILE_HEIGHT = 24  # a row count that every preferred tile height (4, 6, 8) divides
 _OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps must not merge hand-scheduled kernels with their neighbours
@@ -91,7 +92,7 @@ def rewrite_layers(mod, settings: RewriteSettings, layer_names: list[tuple[str, 
     from tvm import relax
 
     rewriter = _make_rewriter(mod, settings, list(layer_names))
-    mod = rewriter.transform()
+    mod = rewrite_functions(rewriter, mod, before=rewriter.find_layers)
     mod = relax.transform.DeadCodeElimination()(mod)
     return mod, rewriter.reports, rewriter.declined
 
@@ -103,21 +104,17 @@ def _make_rewriter(mod, settings: RewriteSettings, layer_names: list):
     class KernelRewriter(relax.PyExprMutator):
         def __init__(self, mod):
             super().__init__(mod)
-            self.mod_ = mod
             self.reports: list[LayerReport] = []
             self.declined: list[str] = []
             self.by_tail: dict = {}
             self.absorbed: set = set()
 
-        def transform(self):
-            for gvar, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    layers, declined = find_layers(func)
-                    self.declined += declined
-                    self.by_tail = {layer.tail: layer for layer in layers}
-                    self.absorbed = {var for layer in layers for var in layer.absorbed}
-                    self.builder_.update_func(gvar, self.visit_expr(func))
-            return self.builder_.get()
+        def find_layers(self, func):
+            """Collect the function's Gemm/Conv chains before it is visited."""
+            layers, declined = find_layers(func)
+            self.declined += declined
+            self.by_tail = {layer.tail: layer for layer in layers}
+            self.absorbed = {var for layer in layers for var in layer.absorbed}
 
         def visit_var_binding_(self, binding):
             if binding.var in self.absorbed:  # folded into the kernel call emitted at the chain's tail
