@@ -14,6 +14,7 @@ also expose the tensors asked for. The activation-prune pass reuses it to calibr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,6 +23,7 @@ import onnxruntime as ort
 
 from optimizer.errors import RuntimeFailure, UsageError
 
+ACTIVATION_MASKS_KEY = "sculpt.activation_masks"  # written by the activation-prune pass: [{"tensor": ...}, ...]
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -90,13 +92,15 @@ def activation_stats(
 ) -> list[dict]:
     """One row per floating-point tensor produced by a node (or per name in `tensors`), in graph order.
 
-    Row keys: tensor, node (producer name), op (producer op type), shape (as observed, batch included),
-    sparsity (fraction of exact zeros), mean, max. A tensor whose element type cannot be inferred gets a row
-    with those figures set to None and a `note` saying why. Extra keys in `feeds` (e.g. "labels") are ignored.
+    By default the internals of activation-prune masks (scores, TopK, the 0/1 mask) are left out; the masked
+    tensor and its pre-mask value `<tensor>/actmask/input` stay. Row keys: tensor, node (producer name), op
+    (producer op type), shape (as observed, batch included), sparsity (fraction of exact zeros), mean, max. A
+    tensor whose element type cannot be inferred gets a row with those figures set to None and a `note` saying
+    why. Extra keys in `feeds` (e.g. "labels") are ignored.
     """
     types = tensor_types(model)
     producers = {out: node for node in model.graph.node for out in node.output if out and node.op_type != "Constant"}
-    wanted = list(producers) if tensors is None else list(tensors)
+    wanted = [t for t in producers if not _mask_internal(t, producers[t], model)] if tensors is None else list(tensors)
     unknown = [name for name in wanted if name not in producers]
     if unknown:
         raise UsageError(f"tensor {unknown[0]!r} is not produced by any node of the model")
@@ -114,6 +118,12 @@ def activation_stats(
             row.update(shape=None, sparsity=None, mean=None, max=None, note="element type not inferable")
         rows.append(row)
     return rows
+
+
+def _mask_internal(tensor: str, producer: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    """Whether `tensor` is an intermediate of a mask the activation-prune pass inserted (see ACTIVATION_MASKS_KEY)."""
+    masked = next((json.loads(p.value) for p in model.metadata_props if p.key == ACTIVATION_MASKS_KEY), [])
+    return any(producer.name.startswith(f"{m['tensor']}/actmask/") and tensor != m["tensor"] for m in masked)
 
 
 def describe_values(values: np.ndarray) -> dict:

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.activation_stats import ProbeSession, zero_skip_macs
+from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
 from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
 from passes import Pass, PassContext, option, register
@@ -67,7 +67,7 @@ PASS_THROUGH = {
 }  # fmt: skip
 COMPUTE = {"Conv", "Gemm", "MatMul"}
 MIN_OPSET = 13
-METADATA_KEY = "sculpt.activation_masks"
+METADATA_KEY = ACTIVATION_MASKS_KEY
 _INT64_MAX = np.iinfo(np.int64).max
 
 

@@ -275,6 +275,16 @@ def test_activation_stats_rows_match_numpy():
     assert rows["y"]["op"] == "Conv" and rows["y"]["shape"] == [6, 3, 6, 6]
 
 
+def test_activation_stats_hides_mask_internals_of_a_masked_model():
+    model = tiny_model("Relu")
+    x = np.random.default_rng(4).standard_normal((6, 4, 6, 6)).astype(np.float32)
+    masked, _ = prune(model, {"x": x}, method="wta", sparsity=0.7)
+    rows = {row["tensor"]: row for row in activation_stats(masked, {"x": x})}
+    assert set(rows) == {"a/actmask/input", "a", "y"}  # the pre-mask value, the masked value, the conv's output
+    assert rows["a"]["op"] == "Mul" and rows["a"]["sparsity"] == pytest.approx(0.7, abs=0.03)
+    assert rows["a/actmask/input"]["sparsity"] == float(np.mean(x <= 0))
+
+
 def brute_force_conv_skips(x, weight_shape, strides, pads, dilations, group):
     """Count (output, weight tap) pairs that read an in-bounds zero of x, loop by loop."""
     n, channels, height, width = x.shape
