@@ -11,6 +11,8 @@ from optimizer.errors import UsageError  # noqa: E402
 from optimizer.training import (  # noqa: E402
     SparsityRegularizer,
     Term,
+    TrainConfig,
+    Trainer,
     bitslice_l1,
     group_hoyer_square,
     group_lasso,
@@ -304,3 +306,36 @@ def test_zero_input_channels_with_flatten_blocks():
     w[:, 4:] = 0  # the second of two channels, each flattened to 4 features
     assert zero_input_channels(w, block=4) == 1
     assert zero_input_channels(w) == 4
+
+
+def test_regularizer_threshold_masks_follow_each_terms_groups():
+    """Conv1 regularized over filters, conv2 over input channels only, the Linear elementwise: each layer is
+    thresholded over exactly those groups, so conv2's tiny filter and the Linear's tiny column stay."""
+    model = conv_bn_net()
+    reg = SparsityRegularizer(model, [
+        Term("group_lasso", 1.0, name=r"^0$", groups=("filter",)),
+        Term("group_lasso", 1.0, name=r"^3$", groups=("channel",)),
+        Term("l1", 1.0, name=r"^6$"),
+    ])  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[1].mul_(1e-4)
+        model[0].bias[1].mul_(1e-4)
+        model[1].weight[1].fill_(1e-4)
+        model[1].bias[1].fill_(1e-4)
+        model[3].weight[:, 2].mul_(1e-4)  # input channel 2 of conv2: tiny
+        model[3].weight[4].mul_(1e-4)  # filter 4 of conv2: tiny, but conv2 has no filter term
+        model[6].weight[:, 5].fill_(1e-4)  # a column of the Linear: zeroed weight by weight, not as a group
+        model[6].weight[0, 0] = 1e-4
+    masks = reg.threshold_masks(threshold=1e-3)
+    assert zero_filters(model[0].weight) == 1 and model[1].weight[1].item() == 0
+    assert zero_input_channels(model[3].weight) == 1 and zero_filters(model[3].weight) == 0
+    assert model[3].weight[4].abs().max().item() > 0
+    assert (model[6].weight[:, 5] == 0).all() and model[6].weight[0, 0].item() == 0
+    assert {name for name, _, _ in masks.entries} >= {"0.weight", "3.weight", "6.weight"}
+
+
+def test_threshold_then_finetune_regularized_needs_a_regularizer():
+    trainer = Trainer(conv_bn_net(), TrainConfig(epochs=1, progress=False))
+    with pytest.raises(UsageError, match="needs a trainer with a regularizer"):
+        trainer.threshold_then_finetune((torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)),
+                                        threshold=1e-3, groups="regularized")

@@ -130,7 +130,7 @@ def test_zeroed_groups_are_removed_exactly_by_the_pass(tmp_path):
     import optimizer
     from optimizer.verify import run_ort
     from samples.speaker.model import XVectorTDNN, fold_batch_norm
-    from samples.speaker.train import TrainingPlan, export_embedding, group_masks, sparsity_regularizer
+    from samples.speaker.train import TrainingPlan, export_embedding, sparsity_regularizer
 
     torch.manual_seed(1)
     model = fold_batch_norm(XVectorTDNN(5, frame_channels=(8, 8, 8, 8, 12), embedding_dim=6).eval()).eval()
@@ -142,7 +142,7 @@ def test_zeroed_groups_are_removed_exactly_by_the_pass(tmp_path):
             conv.bias[::2] *= 1e-6
         model.segment6.weight[:, [1, 13]] *= 1e-6
     regularizer = sparsity_regularizer(model, TrainingPlan())
-    group_masks(regularizer, std_ratio=0.1)
+    regularizer.threshold_masks(std_ratio=0.1)
     features = torch.randn(2, N_MELS, 40)
     with torch.no_grad():
         expected = model.embed(features).numpy()

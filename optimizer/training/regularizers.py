@@ -34,11 +34,12 @@ from torch import nn
 
 from optimizer import quant
 from optimizer.errors import UsageError
-from optimizer.training.masks import PRUNABLE, Layer, batchnorm_map, select_layers
+from optimizer.training.masks import PRUNABLE, Layer, Masks, batchnorm_map, select_layers, threshold_masks
 
 GroupSpec = int | tuple[int, ...] | Literal["filter", "channel", "shape"]
 Kind = Literal["l1", "hoyer", "hoyer_square", "group_lasso", "group_hoyer_square", "bitslice_l1"]
 KINDS: tuple[str, ...] = ("l1", "hoyer", "hoyer_square", "group_lasso", "group_hoyer_square", "bitslice_l1")
+GROUP_KINDS: tuple[str, ...] = ("group_lasso", "group_hoyer_square")
 
 
 def group_axes(ndim: int, dim: GroupSpec) -> tuple[int, ...]:
@@ -171,7 +172,7 @@ class Term:
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "weight": self.weight, "layers": list(self.selected), "per_weight": self.per_weight}
-        if self.kind in ("group_lasso", "group_hoyer_square"):
+        if self.kind in GROUP_KINDS:
             out["groups"] = [list(g) if isinstance(g, tuple) else g for g in self.groups]
         if self.kind == "bitslice_l1":
             out.update(bits=self.bits, cell_bits=self.cell_bits)
@@ -194,7 +195,7 @@ class SparsityRegularizer:
         terms = [terms] if isinstance(terms, Term) else list(terms)
         if not terms:
             raise UsageError("SparsityRegularizer needs at least one Term")
-        needs_structure = any(t.kind in ("group_lasso", "group_hoyer_square") for t in terms)
+        needs_structure = any(t.kind in GROUP_KINDS for t in terms)
         norms = batchnorm_map(model, batchnorm) if needs_structure else {}
         self.layers: dict[str, Layer] = {}
         self.terms: list[Term] = []
@@ -227,6 +228,26 @@ class SparsityRegularizer:
                 out.append((term, name, term.weight * value))
         return out
 
+    def threshold_masks(self, *, threshold: float | None = None, std_ratio: float | None = None) -> Masks:
+        """masks.threshold_masks applied to each layer over what its terms regularize: whole filters and input
+        channels where a group term names "filter" or "channel", single weights under an elementwise term.
+
+        A layer whose only group term covers its input channels keeps its filters (e.g. a layer whose outputs
+        are a graph output). Shape-wise and custom axis groups have no threshold rule and are not masked.
+        """
+        wanted: dict[str, list[str]] = {}
+        for term in self.terms:
+            groups = [g for g in term.groups if g in ("filter", "channel")] if term.kind in GROUP_KINDS else ["element"]
+            for name in term.selected:
+                wanted.setdefault(name, [])
+                wanted[name] += [g for g in groups if g not in wanted[name]]
+        masks = Masks()
+        for name, groups in wanted.items():
+            if groups:
+                masks.entries += threshold_masks([self.layers[name]], threshold=threshold, std_ratio=std_ratio,
+                                                 groups=groups).entries
+        return masks
+
     def describe(self) -> dict:
         """JSON-able: the terms, and for each selected layer its parameters and group structure."""
         return {
@@ -236,7 +257,7 @@ class SparsityRegularizer:
 
 
 def _check_term(term: Term, layer: Layer) -> None:
-    if term.kind in ("group_lasso", "group_hoyer_square"):
+    if term.kind in GROUP_KINDS:
         if not term.groups:
             raise UsageError(f"regularizer {term.kind}: groups is empty; use e.g. ('filter', 'channel')")
         for spec in term.groups:

@@ -157,22 +157,30 @@ class Trainer:
         *,
         threshold: float | None = None,
         std_ratio: float | None = None,
-        groups: Sequence[str] = ("element",),
+        groups: Sequence[str] | Literal["regularized"] = ("element",),
         finetune: TrainConfig | None = None,
         regularize_finetune: bool = False,
     ) -> Masks:
         """Zero small weights or groups (masks.threshold_masks), then fine-tune with those zeros held fixed.
 
-        The layers are the regularizer's, or every Linear/ConvNd when there is none. `finetune` defaults to the
+        The layers are the regularizer's, or every Linear/ConvNd when there is none. groups="regularized"
+        thresholds each layer over the groups its regularizer terms name (SparsityRegularizer.threshold_masks),
+        so a term over input channels only never zeroes that layer's filters. `finetune` defaults to the
         trainer's config; fine-tuning runs without the regularizer (as DeepHoyer's and SSL's do) unless
         regularize_finetune is set.
         """
-        layers = list(self.regularizer.layers.values()) if self.regularizer is not None else select_layers(
-            self.model, norms=batchnorm_map(self.model)
-        )
         if self.masks is not None:
             self.masks.detach()
-        self.masks = threshold_masks(layers, threshold=threshold, std_ratio=std_ratio, groups=groups).attach()
+        if groups == "regularized":
+            if self.regularizer is None:
+                raise UsageError('threshold_then_finetune: groups="regularized" needs a trainer with a regularizer')
+            masks = self.regularizer.threshold_masks(threshold=threshold, std_ratio=std_ratio)
+        else:
+            layers = list(self.regularizer.layers.values()) if self.regularizer is not None else select_layers(
+                self.model, norms=batchnorm_map(self.model)
+            )
+            masks = threshold_masks(layers, threshold=threshold, std_ratio=std_ratio, groups=groups)
+        self.masks = masks.attach()
         config = finetune or self.config
         self.fit(train, eval_data, config=config if regularize_finetune else replace(config, regularizer_weight=0.0))
         return self.masks

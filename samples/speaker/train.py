@@ -4,8 +4,8 @@ The dense model trains with BatchNorm (fast, stable convergence). The sparse mod
 the `optimizer.training` frontend: fold the BatchNorms into the convolutions (under BatchNorm a filter's scale
 is free, so a weight penalty could not switch a channel off), continue training with group Lasso (or Group-HS)
 on the frame layers' filters and input channels and on the first segment layer's input channels, zero the
-groups whose RMS falls below a fraction of their layer's (`threshold_masks`), and fine-tune with those zeros
-held fixed. A zeroed filter takes its bias with it, so its channel outputs exactly zero and
+groups whose RMS falls below a fraction of their layer's (`SparsityRegularizer.threshold_masks`), and fine-tune
+with those zeros held fixed. A zeroed filter takes its bias with it, so its channel outputs exactly zero and
 `structured-sparse:criterion=zero` can remove it.
 
 Checkpoints are cached under samples/speaker/generated/, keyed by the corpus and the training plan.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,14 +25,12 @@ import torch
 from torch.utils.data import Dataset
 
 from optimizer.training import (
-    Masks,
     SparsityRegularizer,
     Term,
     TrainConfig,
     Trainer,
     export,
     seed_everything,
-    threshold_masks,
 )
 from samples.speaker.corpus import GENERATED_DIR, Corpus, CorpusConfig
 from samples.speaker.features import N_MELS
@@ -121,16 +118,6 @@ def train_dense(corpus: Corpus, plan: TrainingPlan) -> XVectorTDNN:
     return model
 
 
-def group_masks(regularizer: SparsityRegularizer, std_ratio: float) -> Masks:
-    """Zero the frame layers' weak filters and input channels and segment6's weak input channels (never its
-    filters: they are the embedding's dimensions)."""
-    frame = [layer for name, layer in regularizer.layers.items() if re.search(FRAME_LAYERS, name)]
-    segment = [layer for name, layer in regularizer.layers.items() if re.search(SEGMENT_LAYER, name)]
-    masks = threshold_masks(frame, std_ratio=std_ratio, groups=("filter", "channel"))
-    masks.entries += threshold_masks(segment, std_ratio=std_ratio, groups=("channel",)).entries
-    return masks
-
-
 def train_sparse(dense: XVectorTDNN, corpus: Corpus, plan: TrainingPlan) -> tuple[XVectorTDNN, SparsityRegularizer]:
     """From the dense weights (BatchNorm folded away): regularize, zero the weak groups, fine-tune with the
     zeros held fixed."""
@@ -140,7 +127,9 @@ def train_sparse(dense: XVectorTDNN, corpus: Corpus, plan: TrainingPlan) -> tupl
     config = TrainConfig(epochs=plan.sparse_epochs, batch_size=plan.batch_size, lr=plan.sparse_lr, seed=plan.seed)
     trainer = Trainer(model, config, regularizer=regularizer)
     trainer.fit(data)
-    trainer.masks = group_masks(regularizer, plan.threshold_std_ratio).attach()
+    # the frame layers lose weak filters and input channels, segment6 only input channels (its filters are the
+    # embedding's dimensions): each layer is thresholded over the groups its terms regularize
+    trainer.masks = regularizer.threshold_masks(std_ratio=plan.threshold_std_ratio).attach()
     finetune = TrainConfig(
         epochs=plan.finetune_epochs,
         batch_size=plan.batch_size,
