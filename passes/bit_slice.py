@@ -57,7 +57,7 @@ from onnx import numpy_helper
 from optimizer import quant
 from optimizer.errors import PassError, UsageError
 from passes import Pass, PassContext, option, register
-from passes.qdq import METADATA_KEY as QUANT_METADATA_KEY
+from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
 METADATA_KEY = "sculpt.bitslice"
 CELL_BITS = range(1, 5)

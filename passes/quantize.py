@@ -10,7 +10,7 @@ nodes — and, with `outputs=true`, their outputs (after a ReLU that is their on
 QuantizeLinear → DequantizeLinear pair: dfp activations are uint8 (non-negative range, e.g. after ReLU) or int8,
 zero point 0, scale 2^-fl; affine activations are uint8 with a zero point. A 1-D bias becomes int32 with scale
 s_x · s_w (2^-(fl_x + fl_w) for dfp). Together that is the standard QDQ form ONNX Runtime fuses into
-QLinearConv / QGemm. The graph surgery lives in passes/qdq.py, the numbers in optimizer/quant.py.
+QLinearConv / QGemm. The graph surgery lives in passes/graph/qdq.py, the numbers in optimizer/quant.py.
 
 Toy example, one Conv with W in [-0.3, 0.6], 8 bits, dfp, per tensor, input x in [0, 1]:
   W: fl = 7 (0.6 · 2^7 = 76.8 ≤ 127), W_q = round(W · 128) int8, DequantizeLinear(W_q, 2^-7, 0)
@@ -36,7 +36,7 @@ from optimizer import quant
 from optimizer.errors import UsageError
 from passes import Pass, PassContext, option, register
 from passes.base import compile_regex
-from passes.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
+from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
 
 ACTIVATION_BITS = 8
 WEIGHT_BITS = range(4, 9)

@@ -6,6 +6,8 @@
     model, notes = apply_removal(analysis, removed_roots(decisions))   # slice every member (prune.py)
 
 Per-op knowledge lives in one handler class per op kind, all in the table of `handlers.py`.
+
+`qdq.py` is the other shared piece: the QuantizeLinear/DequantizeLinear surgery of the quantize and bit-slice passes.
 """
 
 from passes.graph.groups import Analysis, Group, analyze
