@@ -187,8 +187,6 @@ def _collect_runtime_options(runtime_names, tvm_opts, reram_opts, reram_config) 
 @_debug_option
 def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, reram_opts, reram_config, debug):
     """Run MODEL on a runtime and save its outputs (.npz, one array per output name)."""
-    import numpy as np
-
     import runtimes
     from optimizer.data import load_npz, split_labels
     from optimizer.model import load_model
@@ -203,14 +201,40 @@ def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     outputs = session.run(feeds)
     if labels is not None and hasattr(session, "evaluate"):
         session.evaluate(data)
-    from optimizer.io_json import atomic_path
+    from optimizer.io_json import write_npz
 
-    with atomic_path(output_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **outputs)
+    write_npz(output_path, outputs)
     described = session.describe()
     _write_json(report, {"model": str(model), "runtime": runtime, runtime: described})
     click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+
+
+@cli.command("morph")
+@click.argument("key", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help=".npz of samples")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help=".npz to write")
+@_debug_option
+def morph_cmd(key, input_path, output_path, debug):
+    """Morph samples with a MoLe KEY (written by `--pass mole:key_out=KEY`): the data provider's side.
+
+    The key's input array becomes `<input>_morphed`; other arrays (labels) are copied unchanged.
+    """
+    from optimizer.data import load_npz
+    from optimizer.io_json import write_npz
+    from optimizer.morph import load_key, morph
+    from passes.mole import morphed_name
+
+    secret = load_key(key)
+    data = load_npz(input_path)
+    if secret.input_name not in data:
+        raise UsageError(f"{input_path}: has no array {secret.input_name!r}, the input {key} morphs "
+                         f"(file has: {', '.join(data) or 'nothing'})")
+    arrays = {name: value for name, value in data.items() if name != secret.input_name}
+    arrays[morphed_name(secret.input_name)] = morph(data[secret.input_name], secret)
+    if not Path(output_path).parent.is_dir():
+        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
+    write_npz(output_path, arrays)
+    click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
 
 
 @cli.command("bench")

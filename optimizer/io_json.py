@@ -1,4 +1,4 @@
-"""Atomic file writes for reports and output arrays: never a half-written file at the target path."""
+"""Atomic file writes for reports and arrays (JSON, .npz): never a half-written file at the target path."""
 
 from __future__ import annotations
 
@@ -50,3 +50,9 @@ def write_json(path: str | os.PathLike, payload) -> None:
     text = to_json(payload)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text + "\n")
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to `path`, atomically (the file appears whole or not at all)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)

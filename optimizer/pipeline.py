@@ -155,6 +155,11 @@ def optimize(
         seconds = time.perf_counter() - started
         check_model(new_model, f"output of pass {pass_.name}", full=True)
         infer_shapes(new_model, strict=True)
+        verify_feeds = pass_.map_inputs(verify_feeds)
+        ctx.calibration = pass_.map_inputs(ctx.calibration)
+        if eval_feeds is not None:
+            eval_feeds = pass_.map_inputs(eval_feeds)
+            ctx.evaluation = {**eval_feeds, LABELS: labels} if labels is not None else eval_feeds
         outputs = run_ort(new_model, verify_feeds)
         verify = compare(reference, outputs)
         entry = {

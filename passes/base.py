@@ -74,6 +74,11 @@ class Pass:
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
         raise NotImplementedError
 
+    def map_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """After `run`: the inputs of the new model that correspond to `feeds` of the old one. Most passes keep
+        the inputs; one that re-encodes an input (mole) overrides this, and the pipeline verifies through it."""
+        return feeds
+
     @classmethod
     def from_spec(cls, values: dict[str, str | Any]) -> Pass:
         """Build from `key=value` strings (CLI) or typed values (recipe, Python API)."""
