@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.sparse
 
 from optimizer.errors import UsageError
 from optimizer.io_json import write_npz
@@ -114,6 +115,59 @@ def morph(samples: np.ndarray, key: MorphKey) -> np.ndarray:
     padded = np.pad(samples.astype(np.float64), [(0, 0), (0, 0), *key.pads])
     flat = padded.reshape(len(samples), key.kappa, -1)
     return np.einsum("nkd,de->nke", flat, key.block).reshape(len(samples), -1).astype(key.dtype)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's weight [C_out, C_in/group, *kernel] and how it walks one sample of shape (C, *spatial)."""
+
+    weight: np.ndarray
+    sample_shape: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+
+    @property
+    def padded_spatial(self) -> tuple[int, ...]:
+        return tuple(s + a + b for s, (a, b) in zip(self.sample_shape[1:], self.pads, strict=True))
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        kernel = self.weight.shape[2:]
+        return tuple((p - d * (k - 1) - 1) // s + 1
+                     for p, k, s, d in zip(self.padded_spatial, kernel, self.strides, self.dilations, strict=True))
+
+
+def conv_matrix(conv: ConvGeometry) -> scipy.sparse.csr_matrix:
+    """The convolution as a sparse matrix C with conv(x) = x_pad.flatten() @ C, channel-major on both sides.
+
+    Row index: (input channel, padded position); column index: (output channel, output position). Each entry is
+    one weight, so C is exact in any precision.
+    """
+    cout, cin_per_group, *kernel = conv.weight.shape
+    padded, out = conv.padded_spatial, conv.out_spatial
+    taps = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), -1).reshape(-1, len(kernel))
+    places = np.stack(np.meshgrid(*[np.arange(o) for o in out], indexing="ij"), -1).reshape(-1, len(out))
+    position = places[:, None, :] * np.array(conv.strides) + taps[None, :, :] * np.array(conv.dilations)
+    position = np.ravel_multi_index(tuple(np.moveaxis(position, -1, 0)), padded)  # [outputs, taps]
+    channels_out = np.arange(cout)
+    channels_in = (channels_out // (cout // conv.group))[:, None] * cin_per_group + np.arange(cin_per_group)
+    rows = channels_in[:, :, None, None] * int(np.prod(padded)) + position[None, None]
+    cols = np.broadcast_to((channels_out[:, None] * len(places) + np.arange(len(places)))[:, None, :, None],
+                           rows.shape)
+    values = np.broadcast_to(conv.weight.reshape(cout, cin_per_group, 1, -1).astype(np.float64), rows.shape)
+    shape = (conv.sample_shape[0] * int(np.prod(padded)), cout * len(places))
+    return scipy.sparse.csr_matrix((values.ravel(), (rows.ravel(), cols.ravel())), shape=shape)
+
+
+def aug_conv_matrix(key: MorphKey, conv: ConvGeometry) -> np.ndarray:
+    """C_ac = M⁻¹ @ C in float64: morphed samples times C_ac are the convolution's outputs (flattened, no bias)."""
+    if key.sample_shape != conv.sample_shape or key.pads != conv.pads:
+        raise UsageError(f"the key morphs samples of shape {list(key.sample_shape)} padded "
+                         f"{[list(p) for p in key.pads]}; the convolution reads {list(conv.sample_shape)} padded "
+                         f"{[list(p) for p in conv.pads]}")
+    return np.asarray((conv_matrix(conv).T @ key.inverse().T).T)
 
 
 def save_key(key: MorphKey, path: str | os.PathLike) -> None:

@@ -26,11 +26,19 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import scipy.sparse
 from onnx import helper, numpy_helper
 
 from optimizer.errors import PassError, UsageError
-from optimizer.morph import MATRIX_KINDS, MorphKey, load_key, make_key, morph, save_key
+from optimizer.morph import (
+    MATRIX_KINDS,
+    ConvGeometry,
+    MorphKey,
+    aug_conv_matrix,
+    load_key,
+    make_key,
+    morph,
+    save_key,
+)
 from optimizer.report import model_stats
 from passes import Pass, PassContext, option, register
 
@@ -39,27 +47,11 @@ _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE
 
 
 @dataclass(frozen=True)
-class FirstConv:
+class FirstConv(ConvGeometry):
     """The convolution that reads the model input directly, with its geometry resolved."""
 
     node: onnx.NodeProto
-    weight: np.ndarray
     bias: np.ndarray | None
-    sample_shape: tuple[int, ...]  # (C, *spatial) of one input sample
-    pads: tuple[tuple[int, int], ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    group: int
-
-    @property
-    def padded_spatial(self) -> tuple[int, ...]:
-        return tuple(s + a + b for s, (a, b) in zip(self.sample_shape[1:], self.pads, strict=True))
-
-    @property
-    def out_spatial(self) -> tuple[int, ...]:
-        kernel = self.weight.shape[2:]
-        return tuple((p - d * (k - 1) - 1) // s + 1
-                     for p, k, s, d in zip(self.padded_spatial, kernel, self.strides, self.dilations, strict=True))
 
 
 @register
@@ -108,7 +100,7 @@ class Mole(Pass):
             key = make_key(input_name, conv.sample_shape, conv.pads, kind=o.matrix, kappa=o.kappa, dtype=dtype,
                            seed=o.seed)
         dtype = key.dtype
-        aug = key.inverse() @ conv_matrix(conv)
+        aug = aug_conv_matrix(key, conv)
         result = replace_first_conv(model, input_name, conv, aug.astype(dtype), dtype)
         _set_metadata(result, key, conv)
         if o.key_out is not None:
@@ -171,7 +163,8 @@ def first_conv(model: onnx.ModelProto, input_name: str) -> FirstConv:
     strides = tuple(attrs.get("strides", [1] * spatial))
     dilations = tuple(attrs.get("dilations", [1] * spatial))
     pads = _resolve_pads(node, attrs, sample_shape[1:], weight.shape[2:], strides, dilations)
-    return FirstConv(node, weight, bias, sample_shape, pads, strides, dilations, int(attrs.get("group", 1)))
+    return FirstConv(weight=weight, sample_shape=sample_shape, pads=pads, strides=strides, dilations=dilations,
+                     group=int(attrs.get("group", 1)), node=node, bias=bias)
 
 
 def _resolve_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple[tuple[int, int], ...]:
@@ -188,28 +181,6 @@ def _resolve_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple[tup
         small = total // 2
         pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
     return tuple(pads)
-
-
-def conv_matrix(conv: FirstConv) -> scipy.sparse.csr_matrix:
-    """The convolution as a sparse matrix C with conv(x) = x_pad.flatten() @ C, channel-major on both sides.
-
-    Row index: (input channel, padded position); column index: (output channel, output position). Each entry is
-    one weight, so C is exact in any precision.
-    """
-    cout, cin_per_group, *kernel = conv.weight.shape
-    padded, out = conv.padded_spatial, conv.out_spatial
-    taps = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), -1).reshape(-1, len(kernel))
-    places = np.stack(np.meshgrid(*[np.arange(o) for o in out], indexing="ij"), -1).reshape(-1, len(out))
-    position = places[:, None, :] * np.array(conv.strides) + taps[None, :, :] * np.array(conv.dilations)
-    position = np.ravel_multi_index(tuple(np.moveaxis(position, -1, 0)), padded)  # [outputs, taps]
-    channels_out = np.arange(cout)
-    channels_in = (channels_out // (cout // conv.group))[:, None] * cin_per_group + np.arange(cin_per_group)
-    rows = channels_in[:, :, None, None] * int(np.prod(padded)) + position[None, None]
-    cols = np.broadcast_to((channels_out[:, None] * len(places) + np.arange(len(places)))[:, None, :, None],
-                           rows.shape)
-    values = np.broadcast_to(conv.weight.reshape(cout, cin_per_group, 1, -1).astype(np.float64), rows.shape)
-    shape = (conv.sample_shape[0] * int(np.prod(padded)), cout * len(places))
-    return scipy.sparse.csr_matrix((values.ravel(), (rows.ravel(), cols.ravel())), shape=shape)
 
 
 def replace_first_conv(model: onnx.ModelProto, input_name: str, conv: FirstConv, aug: np.ndarray,

@@ -9,11 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
 from optimizer.errors import PassError, UsageError
-from optimizer.morph import load_key, make_key, morph
+from optimizer.morph import conv_matrix, load_key, make_key, morph
 from optimizer.pipeline import optimize
 from optimizer.verify import run_ort
 from passes import PassContext, get_pass
-from passes.mole import conv_matrix, first_conv
+from passes.mole import first_conv
 
 
 def conv_model(sample_shape, weight, *, bias=True, dynamic_spatial=False, **attrs) -> onnx.ModelProto:
