@@ -20,6 +20,9 @@ _EXPORTS = {
     "trainer": ("Trainer", "TrainConfig", "seed_everything"),
     "export": ("export",),
     "activation": ("WTADropout", "ActivationThreshold", "ThresholdSchedule", "activation_density"),
+    "autogrow": ("GrowingNet", "GrowthPolicy", "GrowConfig", "GrowthRecord", "GrowthResult", "auto_grow", "grow",
+                 "carry_optimizer", "hold_out", "train_fixed"),
+    "mole": ("AugConv", "conv_geometry", "key_for_conv"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
