@@ -111,8 +111,13 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def fit(self, train: Data, eval_data: Data | None = None, *, config: TrainConfig | None = None) -> list[dict]:
-        """Train for config.epochs; returns one record per epoch (loss, penalty, lr, accuracies)."""
+    def fit(self, train: Data, eval_data: Data | None = None, *, config: TrainConfig | None = None,
+            optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+        """Train for config.epochs; returns one record per epoch (loss, penalty, lr, accuracies).
+
+        optimizer: step this one instead of a fresh one built from the config, so its state (momentum) carries
+        across calls; the config's schedule still applies to its lr.
+        """
         config = config or self.config
         config.validate()
         if config.batch_size % self.world:
@@ -121,7 +126,7 @@ class Trainer:
         dataset = _as_dataset(train)
         sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=config.seed)
         loader = _Batches(dataset, sampler, config.batch_size // self.world)
-        optimizer = self._optimizer(config)
+        optimizer = optimizer if optimizer is not None else self._optimizer(config)
         schedule = self._schedule(optimizer, config)
         regularize = self.regularizer is not None and config.regularizer_weight != 0
         records = []
