@@ -23,6 +23,10 @@ _EXPORTS = {
     "autogrow": ("GrowingNet", "GrowthPolicy", "GrowConfig", "GrowthRecord", "GrowthResult", "auto_grow", "grow",
                  "carry_optimizer", "hold_out", "train_fixed"),
     "mole": ("AugConv", "conv_geometry", "key_for_conv"),
+    "mesa": ("Mine", "StatisticsNetwork", "TriggerGenerator", "SearchConfig", "SearchResult", "stamp_trigger",
+             "random_locations", "poison_batch", "fixed_trigger", "attack_success_rate", "search_trigger",
+             "search_triggers", "ensemble_sampler", "detect_target", "poisoned_training", "backdoor_attack",
+             "retrain_with_triggers", "reverse_trigger"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

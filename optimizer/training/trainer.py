@@ -79,6 +79,9 @@ def join_process_group(device: torch.device) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Trainer:
     """Trains `model` on (input, target) pairs with `loss(model(input), target)` + weight · regularizer()."""
 
@@ -112,11 +115,13 @@ class Trainer:
         return self.rank == 0
 
     def fit(self, train: Data, eval_data: Data | None = None, *, config: TrainConfig | None = None,
-            optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+            optimizer: torch.optim.Optimizer | None = None, transform: BatchTransform | None = None) -> list[dict]:
         """Train for config.epochs; returns one record per epoch (loss, penalty, lr, accuracies).
 
         optimizer: step this one instead of a fresh one built from the config, so its state (momentum) carries
         across calls; the config's schedule still applies to its lr.
+        transform(inputs, targets, epoch) -> (inputs, targets) rewrites every batch before the forward pass
+        (e.g. stamping backdoor triggers on part of it).
         """
         config = config or self.config
         config.validate()
@@ -136,6 +141,8 @@ class Trainer:
                 self.network.train()
                 totals = torch.zeros(3, dtype=torch.float64)
                 for inputs, targets in loader:
+                    if transform is not None:
+                        inputs, targets = transform(inputs, targets, epoch)
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     optimizer.zero_grad(set_to_none=True)
                     data_loss = self.loss(self.network(inputs), targets)
