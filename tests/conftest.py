@@ -14,3 +14,14 @@ def digits_assets(tmp_path_factory):
     from samples.digits.digits_cnn import build
 
     return build(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test (deterministic CPU kernels, and the box's other core stays free)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ from optimizer.training import (  # noqa: E402
 )
 from optimizer.verify import run_ort  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def seed_net(arch=(1, 1, 1), plain=False) -> GrowingNet:
