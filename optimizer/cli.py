@@ -224,6 +224,8 @@ def morph_cmd(key, input_path, output_path, debug):
     from optimizer.morph import load_key, morph
     from passes.mole import morphed_name
 
+    if not Path(output_path).parent.is_dir():
+        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
     secret = load_key(key)
     data = load_npz(input_path)
     if secret.input_name not in data:
@@ -231,8 +233,6 @@ def morph_cmd(key, input_path, output_path, debug):
                          f"(file has: {', '.join(data) or 'nothing'})")
     arrays = {name: value for name, value in data.items() if name != secret.input_name}
     arrays[morphed_name(secret.input_name)] = morph(data[secret.input_name], secret)
-    if not Path(output_path).parent.is_dir():
-        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
     write_npz(output_path, arrays)
     click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
 
