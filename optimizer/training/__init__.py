@@ -17,7 +17,7 @@ _EXPORTS = {
     "masks": ("Layer", "Masks", "select_layers", "threshold_masks", "zero_filters", "zero_input_channels"),
     "quantization": ("WeightQuantizer", "ActivationQuantizer", "QuantLinear", "QuantConv1d", "QuantConv2d",
                      "prepare_qat", "fake_quantize_ste"),
-    "trainer": ("Trainer", "TrainConfig", "seed_everything"),
+    "trainer": ("Trainer", "TrainConfig", "build_optimizer", "seed_everything"),
     "export": ("export",),
     "activation": ("WTADropout", "ActivationThreshold", "ThresholdSchedule", "activation_density"),
     "autogrow": ("GrowingNet", "GrowthPolicy", "GrowConfig", "GrowthRecord", "GrowthResult", "auto_grow", "grow",
@@ -27,6 +27,10 @@ _EXPORTS = {
              "random_locations", "poison_batch", "fixed_trigger", "attack_success_rate", "search_trigger",
              "search_triggers", "ensemble_sampler", "detect_target", "poisoned_training", "backdoor_attack",
              "retrain_with_triggers", "reverse_trigger"),
+    "feedback": ("BoundarySearch", "Boundary", "boundary_search", "ClassCriteria", "class_criteria", "allocate",
+                 "Generated", "generate_examples", "FeedbackConfig", "FeedbackRound", "FeedbackResult",
+                 "feedback_learning", "fgsm", "pgd", "adversarial_transform", "noisy_correct", "RobustnessReport",
+                 "robustness_report", "format_table"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

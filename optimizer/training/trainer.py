@@ -79,6 +79,15 @@ def join_process_group(device: torch.device) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `config` names, over model's trainable parameters: what Trainer.fit builds when it is given
+    none. Build it once and pass it to every fit (fit(optimizer=...)) to keep its state across calls."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -232,10 +241,7 @@ class Trainer:
         return record
 
     def _optimizer(self, config: TrainConfig) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if config.optimizer == "adam":
-            return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return build_optimizer(self.model, config)
 
     @staticmethod
     def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
