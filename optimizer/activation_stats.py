@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.model import metadata_value
 
 ACTIVATION_MASKS_KEY = "sculpt.activation_masks"  # written by the activation-prune pass: [{"tensor": ...}, ...]
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -122,7 +123,7 @@ def activation_stats(
 
 def _mask_internal(tensor: str, producer: onnx.NodeProto, model: onnx.ModelProto) -> bool:
     """Whether `tensor` is an intermediate of a mask the activation-prune pass inserted (see ACTIVATION_MASKS_KEY)."""
-    masked = next((json.loads(p.value) for p in model.metadata_props if p.key == ACTIVATION_MASKS_KEY), [])
+    masked = json.loads(metadata_value(model, ACTIVATION_MASKS_KEY) or "[]")
     return any(producer.name.startswith(f"{m['tensor']}/actmask/") and tensor != m["tensor"] for m in masked)
 
 

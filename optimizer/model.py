@@ -141,3 +141,17 @@ def copy_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
     target.metadata_props.extend(source.metadata_props)
     del target.opset_import[:]
     target.opset_import.extend(source.opset_import)
+
+
+def metadata_value(model: onnx.ModelProto, key: str) -> str | None:
+    """The model's metadata_props value for `key`, or None."""
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set metadata_props[key] to `value`, replacing an earlier value for the key (keys stay unique)."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)

@@ -53,6 +53,7 @@ import onnx_graphsurgeon as gs
 from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
 from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
+from optimizer.model import metadata_value, set_metadata
 from passes import Pass, PassContext, option, register
 from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop, top1
 from passes.base import compile_regex
@@ -412,10 +413,7 @@ class _MaskBuilder:
 
 def record_metadata(masked: onnx.ModelProto, original: onnx.ModelProto, sites, options, params) -> None:
     """Append this run's masks to `sculpt.activation_masks`, so later stages (runtimes, reports) can find them."""
-    entries = []
-    for prop in original.metadata_props:
-        if prop.key == METADATA_KEY:
-            entries = json.loads(prop.value)
+    entries = json.loads(metadata_value(original, METADATA_KEY) or "[]")
     for site in sites:
         entry = {"tensor": site.tensor, "node": site.node, "method": options.method}
         if options.method == "wta":
@@ -425,10 +423,7 @@ def record_metadata(masked: onnx.ModelProto, original: onnx.ModelProto, sites, o
         else:
             entry["threshold"] = float(params[site.tensor])
         entries.append(entry)
-    kept = [p for p in masked.metadata_props if p.key != METADATA_KEY]
-    del masked.metadata_props[:]
-    masked.metadata_props.extend(kept)
-    masked.metadata_props.add(key=METADATA_KEY, value=json.dumps(entries))
+    set_metadata(masked, METADATA_KEY, json.dumps(entries))
 
 
 # --- report ----------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from onnx import numpy_helper
 
 from optimizer import quant
 from optimizer.errors import PassError, UsageError
+from optimizer.model import metadata_value, set_metadata
 from passes import Pass, PassContext, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
@@ -165,7 +166,7 @@ class BitSlice(Pass):
         metadata = {"version": 1, **settings, "adc_plan": plan, "layers": layers}
         result = onnx.ModelProto()
         result.CopyFrom(model)
-        _store(result, metadata)
+        set_metadata(result, METADATA_KEY, json.dumps(metadata))
         details = {**settings, "adc_plan": plan, "layers": layers, "declined": [vars(d) for d in declines]}
         details["metadata_key"] = METADATA_KEY
         if self.options.plot:
@@ -231,7 +232,7 @@ class BitSlice(Pass):
 
 def _declared_bits(model: onnx.ModelProto) -> dict[str, int]:
     """Weight bits recorded by the quantize pass (4-bit weights live in int8 containers)."""
-    entry = next((p.value for p in model.metadata_props if p.key == QUANT_METADATA_KEY), None)
+    entry = metadata_value(model, QUANT_METADATA_KEY)
     if entry is None:
         return {}
     try:
@@ -357,13 +358,6 @@ def _overall_plan(layers: list[dict]) -> list[int]:
     return [max((layer["adc_bits"][s] for layer in layers if s < layer["slices"]), default=1) for s in range(width)]
 
 
-def _store(model: onnx.ModelProto, metadata: dict) -> None:
-    value = json.dumps(metadata)
-    existing = next((p for p in model.metadata_props if p.key == METADATA_KEY), None)
-    if existing is None:
-        model.metadata_props.add(key=METADATA_KEY, value=value)
-    else:
-        existing.value = value
 
 
 def plot_slice_sparsity(layers: list[dict], path: str, options) -> None:

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from optimizer.activation_stats import ProbeSession
 from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
+from optimizer.model import metadata_value, set_metadata
 from optimizer.report import layer_rows, model_stats
 from passes import Pass, PassContext, option, register
 from passes.base import compile_regex
@@ -308,11 +309,7 @@ def _remove_block(view: GraphView, block: ResidualBlock) -> None:
 
 
 def _append_metadata(model: onnx.ModelProto, entries: list[dict]) -> None:
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = json.dumps(json.loads(prop.value) + entries)
-            return
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(entries))
+    set_metadata(model, METADATA_KEY, json.dumps(json.loads(metadata_value(model, METADATA_KEY) or "[]") + entries))
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

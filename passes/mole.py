@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from optimizer.errors import PassError, UsageError
+from optimizer.model import set_metadata
 from optimizer.morph import (
     MATRIX_KINDS,
     ConvGeometry,
@@ -258,10 +259,7 @@ def _set_metadata(model: onnx.ModelProto, key: MorphKey, conv: FirstConv) -> Non
     entry = {"input": key.input_name, "morphed_input": morphed_name(key.input_name), "conv": conv.node.name,
              "sample_shape": list(key.sample_shape), "pads": [list(p) for p in key.pads], "matrix": key.kind,
              "kappa": key.kappa, "dtype": key.dtype, "key_sha256": key.fingerprint()}
-    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(entry))
+    set_metadata(model, METADATA_KEY, json.dumps(entry))
 
 
 def _details(before: onnx.ModelProto, after: onnx.ModelProto, key: MorphKey, conv: FirstConv, aug: np.ndarray

@@ -30,6 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer.errors import PassError, UsageError
+from optimizer.model import set_metadata
 from passes import Pass, PassContext, option, register
 from passes.base import compile_regex
 
@@ -120,9 +121,8 @@ class Sparsify(Pass):
             layers.append(layer_row(target, pruned, self.pattern))
         total = sum(r["params"] for r in layers)
         zeros = sum(r["params"] * r["sparsity"] for r in layers)
-        _set_metadata(
-            result, {"pattern": str(self.pattern), "sparsity": self.options.sparsity, "scope": self.options.scope}
-        )
+        settings = {"pattern": str(self.pattern), "sparsity": self.options.sparsity, "scope": self.options.scope}
+        set_metadata(result, METADATA_KEY, json.dumps(settings))
         details = {
             "pattern": str(self.pattern),
             "target_sparsity": 1 - self.pattern.rows / self.pattern.cols
@@ -271,9 +271,3 @@ def max_nonzeros_per_group(matrix: np.ndarray, m: int) -> int:
     return int(padded.reshape(out, -1, m).sum(axis=-1).max())
 
 
-def _set_metadata(model: onnx.ModelProto, value: dict) -> None:
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = json.dumps(value)
-            return
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(value))

@@ -31,7 +31,7 @@ from torch import nn
 
 from optimizer import quant
 from optimizer.errors import ModelError, UsageError
-from optimizer.model import save_model
+from optimizer.model import save_model, set_metadata
 from optimizer.quant import QUANT_METADATA_KEY
 from optimizer.training.quantization import export_mode
 from optimizer.training.regularizers import SparsityRegularizer
@@ -147,12 +147,8 @@ def _onnx_names(layers: dict, initializers: set[str]) -> dict:
 
 
 def _write_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
-    existing = {p.key: p for p in proto.metadata_props}
     for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            proto.metadata_props.add(key=key, value=value)
+        set_metadata(proto, key, value)
 
 
 def _fold_constants(graph: onnx.GraphProto) -> None:

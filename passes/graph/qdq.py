@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer import quant
+from optimizer.model import metadata_value, set_metadata
 
 METADATA_KEY = quant.QUANT_METADATA_KEY
 
@@ -368,11 +369,9 @@ def _quantizes(site: Site, index: int) -> bool:
 
 
 def _store_metadata(model: onnx.ModelProto, metadata: dict) -> None:
-    existing = next((p for p in model.metadata_props if p.key == METADATA_KEY), None)
-    if existing is None:
-        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        return
-    previous = json.loads(existing.value)
-    for section in ("weights", "activations"):
-        metadata[section] = {**previous.get(section, {}), **metadata[section]}
-    existing.value = json.dumps(metadata)
+    previous = metadata_value(model, METADATA_KEY)
+    if previous is not None:
+        earlier = json.loads(previous)
+        for section in ("weights", "activations"):
+            metadata[section] = {**earlier.get(section, {}), **metadata[section]}
+    set_metadata(model, METADATA_KEY, json.dumps(metadata))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from optimizer.errors import ModelError
+from optimizer.model import metadata_value
 from optimizer.quant import QUANT_METADATA_KEY
 
 PLAN_KEY = "sculpt.bitslice"
@@ -94,7 +95,7 @@ def _entry(entry: dict, defaults: dict, name: str) -> PlanEntry:
 
 
 def _metadata_json(model: onnx.ModelProto, key: str):
-    text = next((p.value for p in model.metadata_props if p.key == key), None)
+    text = metadata_value(model, key)
     if text is None:
         return None
     try:
