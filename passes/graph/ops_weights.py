@@ -19,6 +19,27 @@ def _no_padding(node: gs.Node, weight: np.ndarray) -> bool:
     return not any(attr(node, "pads", []))
 
 
+def _weight_and_bias(node: gs.Node, state: ChannelState) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A (transposed) convolution's constant weight and bias (None when absent); None, with the node blocked, when
+    either is not a constant."""
+    view = state.view
+    weight, bias = view.input_constant(node, 1), view.input_constant(node, 2)
+    if weight is None or (view.has_input(node, 2) and bias is None):
+        state.block_node(node, "its weight or bias is not a constant")
+        return None
+    return weight, bias
+
+
+def _input_channel_space(node: gs.Node, state: ChannelState, channels: int) -> Space | None:
+    """The channel space reaching the data input as its `channels` input channels (axis 1); one arriving any other
+    way blocks the node and counts as none."""
+    in_space = state.space(node.inputs[0])
+    if in_space is not None and (in_space.axis != 1 or len(in_space) != channels):
+        state.block_node(node, "channels reach it on an axis other than its input channels")
+        return None
+    return in_space
+
+
 def _tie_groups(state: ChannelState, node: gs.Node, in_space: Space | None, out_space: Space, groups: int,
                 cin: int) -> None:
     """Grouped convolution: input group g and output group g are one unit (a group is pruned whole or kept)."""
@@ -56,19 +77,15 @@ class ConvHandler(Handler):
     op_types = ("Conv",)
 
     def propagate(self, node: gs.Node, state: ChannelState) -> None:
-        view = state.view
-        weight, bias = view.input_constant(node, 1), view.input_constant(node, 2)
-        if weight is None or (view.has_input(node, 2) and bias is None):
-            state.block_node(node, "its weight or bias is not a constant")
+        constants = _weight_and_bias(node, state)
+        if constants is None:
             return
+        weight, bias = constants
         groups = attr(node, "group", 1)
         cout, cin = weight.shape[0], weight.shape[1] * groups
         bias = bias if bias is not None else np.zeros(cout)
         x = node.inputs[0]
-        in_space = state.space(x)
-        if in_space is not None and (in_space.axis != 1 or len(in_space) != cin):
-            state.block_node(node, "channels reach it on an axis other than its input channels")
-            in_space = None
+        in_space = _input_channel_space(node, state, cin)
         if groups == 1:
             values = np.where(zero_slices(weight, 0), bias, np.nan)
             state.produce(node, node.outputs[0], 1, cout, values, weight=weight, weight_axis=0)
@@ -124,20 +141,16 @@ class ConvTransposeHandler(Handler):
     op_types = ("ConvTranspose",)
 
     def propagate(self, node: gs.Node, state: ChannelState) -> None:
-        view = state.view
-        weight, bias = view.input_constant(node, 1), view.input_constant(node, 2)
-        if weight is None or (view.has_input(node, 2) and bias is None):
-            state.block_node(node, "its weight or bias is not a constant")
+        constants = _weight_and_bias(node, state)
+        if constants is None:
             return
+        weight, bias = constants
         groups = attr(node, "group", 1)
         cin, cout_g = weight.shape[0], weight.shape[1]
         cout = cout_g * groups
         bias = bias if bias is not None else np.zeros(cout)
         x = node.inputs[0]
-        in_space = state.space(x)
-        if in_space is not None and (in_space.axis != 1 or len(in_space) != cin):
-            state.block_node(node, "channels reach it on an axis other than its input channels")
-            in_space = None
+        in_space = _input_channel_space(node, state, cin)
         # filters by output channel: [Cout, Cin/group, k...]
         per_out = weight.reshape(groups, cin // groups, cout_g, *weight.shape[2:]).swapaxes(1, 2)
         per_out = per_out.reshape(cout, cin // groups, *weight.shape[2:])
