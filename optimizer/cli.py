@@ -42,6 +42,12 @@ def _debug_option(f):
     return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
 
 
+def _require_directory(path: str, what: str) -> None:
+    """Fail before any work when the file at `path` could not be written: its directory is missing."""
+    if not Path(path).parent.is_dir():
+        raise UsageError(f"{path}: {what} directory {Path(path).parent} does not exist")
+
+
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
         from optimizer.io_json import write_json
@@ -84,12 +90,11 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
         planners[0].options.plan_out = plan_out
     out_path = Path(output)
-    if not out_path.parent.is_dir():
-        raise UsageError(f"{output}: output directory {out_path.parent} does not exist")
+    _require_directory(output, "output")
     if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
-    if report and not Path(report).parent.is_dir():
-        raise UsageError(f"{report}: report directory {Path(report).parent} does not exist")
+    if report:
+        _require_directory(report, "report")
     source, external = read_model(model)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
@@ -191,8 +196,7 @@ def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     from optimizer.data import load_npz, split_labels
     from optimizer.model import load_model
 
-    if not Path(output_path).parent.is_dir():
-        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
+    _require_directory(output_path, "output")
     proto = load_model(model)
     data = load_npz(input_path, proto)
     feeds, labels = split_labels(data)
@@ -224,8 +228,7 @@ def morph_cmd(key, input_path, output_path, debug):
     from optimizer.morph import load_key, morph
     from passes.mole import morphed_name
 
-    if not Path(output_path).parent.is_dir():
-        raise UsageError(f"{output_path}: output directory {Path(output_path).parent} does not exist")
+    _require_directory(output_path, "output")
     secret = load_key(key)
     data = load_npz(input_path)
     if secret.input_name not in data:
