@@ -51,7 +51,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
-from optimizer.data import random_inputs
+from optimizer.data import graph_inputs, random_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
 from passes import Pass, PassContext, option, register
@@ -204,8 +204,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def model_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-    initializers = {init.name for init in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in graph_inputs(model)]
     missing = [name for name in names if name not in data]
     if missing:
         raise UsageError(f"the {what} data has no array for model input {missing[0]!r}; it has: {', '.join(data)}")

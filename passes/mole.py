@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from optimizer.data import graph_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
 from optimizer.morph import (
@@ -123,8 +124,7 @@ def morphed_name(input_name: str) -> str:
 
 
 def choose_input(model: onnx.ModelProto, wanted: str | None) -> str:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = graph_inputs(model)
     if wanted is not None:
         if wanted not in {i.name for i in inputs}:
             raise UsageError(f"pass mole: option input={wanted!r} is not a model input "

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from optimizer.data import graph_inputs
 from optimizer.errors import RuntimeFailure, UsageError
 
 
@@ -22,8 +23,7 @@ def load_data(value, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         except (OSError, ValueError) as e:
             raise UsageError(f"runtime reram: cannot read calibration file {path}: {e}") from None
     data.pop("labels", None)
-    initializers = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in graph_inputs(model)]
     if len(data) == 1 and len(names) == 1 and names[0] not in data:
         data = {names[0]: next(iter(data.values()))}
     missing = [n for n in names if n not in data]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from optimizer.data import graph_inputs
 from optimizer.errors import RuntimeFailure
 from runtimes.reram.config import ReramOptions
 from runtimes.reram.crossbar import Counts, Crossbar
@@ -202,7 +203,7 @@ class Executor:
         self.layers = layers
         self.read_rng = read_rng
         initializers = {t.name for t in model.graph.initializer}
-        self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
+        self.input_names = [i.name for i in graph_inputs(model)]
         self.output_names = [o.name for o in model.graph.output]
         level = dict.fromkeys([*self.input_names, *initializers], 0)
         digital: dict[int, list[onnx.NodeProto]] = {}
