@@ -53,7 +53,7 @@ import onnx_graphsurgeon as gs
 from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
 from optimizer.data import graph_inputs, random_inputs
 from optimizer.errors import PassError, UsageError
-from optimizer.model import metadata_value, set_metadata
+from optimizer.model import default_opset, metadata_value, set_metadata
 from passes import Pass, PassContext, option, register
 from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop, top1
 from passes.base import compile_regex
@@ -197,10 +197,6 @@ class ActivationPrune(Pass):
             details["max_drop_search"] = search
         record_metadata(masked, model, sites, o, params)
         return masked, details
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 1)
 
 
 def model_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:

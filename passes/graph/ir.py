@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.model import copy_model_fields
+from optimizer.model import copy_model_fields, default_opset
 
 Dim = int | str | None
 
@@ -31,7 +31,7 @@ class GraphView:
         self.graph.toposort()
         _fill_missing_shapes(self.graph)
         self.tensors: dict[str, gs.Tensor] = self.graph.tensors()
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = default_opset(model)
         self._graph_inputs = {t.name for t in self.graph.inputs}
         self._graph_outputs = {t.name for t in self.graph.outputs}
         self.outer_scope_names = _names_used_in_subgraphs(self.graph)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.model import default_opset
 from runtimes.tvm.fold import fold_constants
 
 
@@ -69,7 +70,7 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     check_supported(model)
     dtypes = {spec.name: spec.dtype for spec in input_specs(model)}
     importer = _naming_importer({name: list(shape) for name, shape in shapes.items()}, dtypes)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = default_opset(model)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the importer prints to stdout before re-raising
             mod = importer.from_onnx(model.graph, opset)
