@@ -101,7 +101,11 @@ def activation_stats(
     """
     types = tensor_types(model)
     producers = {out: node for node in model.graph.node for out in node.output if out and node.op_type != "Constant"}
-    wanted = [t for t in producers if not _mask_internal(t, producers[t], model)] if tensors is None else list(tensors)
+    if tensors is None:
+        masked = {m["tensor"] for m in json.loads(metadata_value(model, ACTIVATION_MASKS_KEY) or "[]")}
+        wanted = [t for t in producers if not _mask_internal(t, producers[t], masked)]
+    else:
+        wanted = list(tensors)
     unknown = [name for name in wanted if name not in producers]
     if unknown:
         raise UsageError(f"tensor {unknown[0]!r} is not produced by any node of the model")
@@ -121,10 +125,10 @@ def activation_stats(
     return rows
 
 
-def _mask_internal(tensor: str, producer: onnx.NodeProto, model: onnx.ModelProto) -> bool:
-    """Whether `tensor` is an intermediate of a mask the activation-prune pass inserted (see ACTIVATION_MASKS_KEY)."""
-    masked = json.loads(metadata_value(model, ACTIVATION_MASKS_KEY) or "[]")
-    return any(producer.name.startswith(f"{m['tensor']}/actmask/") and tensor != m["tensor"] for m in masked)
+def _mask_internal(tensor: str, producer: onnx.NodeProto, masked: set[str]) -> bool:
+    """Whether `tensor` is an intermediate of a mask the activation-prune pass inserted on one of the `masked`
+    tensors (their names, from ACTIVATION_MASKS_KEY): produced by a `<masked>/actmask/` node, not the result."""
+    return any(producer.name.startswith(f"{name}/actmask/") and tensor != name for name in masked)
 
 
 def describe_values(values: np.ndarray) -> dict:
