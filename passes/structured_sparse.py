@@ -31,12 +31,13 @@ from passes.graph.importance import CRITERIA, batchnorm_scales, summary, unit_sc
 from passes.graph.ir import with_shapes
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
 from passes.graph.prune import apply_removal, kept_counts
+from passes.graph.reconstruction import consumer_grams, group_curves, marginal_costs, obs_scores
 from passes.graph.recovery import recover
 from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
 
 NAME = "structured-sparse"
-DATA_CRITERIA = ("activation",)
-DEFAULT_DATA_CRITERION = "activation"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
+DATA_CRITERIA = ("activation", "reconstruction")
+DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -86,11 +87,12 @@ class StructuredSparse(Pass):
     class Options:
         ratio: float = option(0.5, "fraction of each group's channels to remove, 0 <= ratio < 1 (unused by zero "
                                    "and when keep_params/keep_macs is given)")
-        criterion: Literal["auto", "activation", "l1", "l2", "bn-scale", "hoyer", "zero"] = option(
+        criterion: Literal["auto", "activation", "reconstruction", "l1", "l2", "bn-scale", "hoyer", "zero"] = option(
             "auto",
             "importance: activation = ||W[:,c]||*||X_c|| over the consumers on the calibration data (Wanda), "
+            "reconstruction = the consumers' output error when the channel goes and they are refitted (OBS), "
             "l1/l2 norm of producer rows, bn-scale |gamma|, hoyer (Group-HS normalized l2), or zero = remove only "
-            "channels whose removal provably leaves the outputs unchanged (exact); auto = activation with "
+            "channels whose removal provably leaves the outputs unchanged (exact); auto = reconstruction with "
             "--calibration data, l1 without",
         )
         recover: Literal["auto", "none", "lsq", "mean"] = option(
@@ -168,8 +170,10 @@ class StructuredSparse(Pass):
             prepared = prepare(model)
             analysis = analyze(prepared)
             stats = capture_stats(analysis, prepared, feeds) if feeds is not None else None
+            needs_grams = feeds is not None and (criterion == "reconstruction" or self._budget() is not None)
+            grams = consumer_grams(analysis, prepared, feeds) if needs_grams else []
         with phases("selection"):
-            scored, sens = self._scores(analysis, criterion, model, stats)
+            scored, sens = self._scores(analysis, criterion, model, stats, grams)
             scores = {gid: s for gid, (s, _) in scored.items()}
             decisions, estimate = self._decide(analysis, scores, sens, ctx, model)
         removed = removed_roots(decisions)
@@ -212,11 +216,27 @@ class StructuredSparse(Pass):
             return "macs", float(o.keep_macs)
         return None
 
-    def _scores(self, analysis: Analysis, criterion: str, model: onnx.ModelProto, stats) -> tuple[dict, dict]:
-        """(group -> (scores, note), group -> sensitivity per unit) for the criterion."""
+    def _scores(self, analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams
+                ) -> tuple[dict, dict]:
+        """(group -> (scores, note), group -> sensitivity per unit) for the criterion. With calibration data the
+        sensitivity is the measured refitted-error curve of each group along its removal order."""
         if criterion in DATA_CRITERIA:
             data = activation_scores(analysis, stats)
-            return {g: (s, note) for g, (s, _, note) in data.items()}, {g: r for g, (_, r, _) in data.items()}
+            scored = {g: (s, note) for g, (s, _, note) in data.items()}
+            sens = {g: r for g, (_, r, _) in data.items()}
+            if criterion == "reconstruction":
+                obs = obs_scores(analysis, grams)
+                for group in analysis.groups:
+                    if all(int(r) in obs for r in group.roots):
+                        scored[group.id] = (np.array([obs[int(r)] for r in group.roots]), None)
+            if grams:
+                orders = {g.id: [int(i) for i in np.argsort(scored[g.id][0], kind="stable") if g.prunable[i]]
+                          for g in analysis.groups}
+                for gid, curve in group_curves(analysis, grams, orders).items():
+                    per_unit = np.zeros(len(scored[gid][0]))
+                    per_unit[orders[gid]] = marginal_costs(curve)
+                    sens[gid] = per_unit
+            return scored, sens
         folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
         scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
         sens = {}

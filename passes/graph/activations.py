@@ -67,6 +67,7 @@ def session(model: onnx.ModelProto):
     """An onnxruntime CPU session with basic graph optimizations (intermediate outputs stay computable)."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
