@@ -253,15 +253,17 @@ class StructuredSparse(Pass):
         excluded = self._excluded(analysis, ctx)
         exact = o.criterion == "zero"
         targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=exact)
-        budget = self._budget()
-        if budget is None:
+        wanted = self._budget()
+        if wanted is None:
             return choose(analysis, scores, targets, excluded), None
-        cost = CostModel(analysis)
-        metric, fraction = budget
-        total = count_params(model) if metric == "params" else model_stats(model)["macs"]
-        decisions = initial(analysis, scores, excluded)
-        decisions, estimate = allocate(analysis, decisions, sens, cost, Budget(metric, fraction, float(total)),
-                                       lambda ds: finish(analysis, ds, targets), o.min_channels)
+        metric, fraction = wanted
+
+        def count(m: onnx.ModelProto) -> float:
+            return float(count_params(m) if metric == "params" else model_stats(m)["macs"])
+
+        budget = Budget(metric, fraction, count(model), count(analysis.view.source))
+        decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, CostModel(analysis),
+                                       budget, lambda ds: finish(analysis, ds, targets), o.min_channels)
         return settle(decisions), estimate
 
     @staticmethod

@@ -114,3 +114,67 @@ def test_keep_params_with_recovery_keeps_accuracy_where_plain_l1_loses_it(name, 
     assert base - _accuracy(recovered, evaluation) <= 0.01
     assert set(details["summary"]["phases"]) == {"analysis", "selection", "recovery"}
     assert all(r["error_after"] <= r["error_before"] for r in details["recovery"] if "skipped" not in r)
+
+
+def test_keep_macs_lands_on_the_digits_cnn(digits_assets):
+    model = onnx.load(digits_assets.model)
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:64]}
+    _, details, _ = _run_pass(model, calibration, keep_macs=0.5)
+    budget = details["summary"]["budget"]
+    assert budget["metric"] == "macs" and 0.48 <= budget["reached"] <= 0.52
+    assert budget["reached"] == details["summary"]["macs_kept"]
+
+
+def test_keep_macs_lands_on_a_resnet18_graph(torch_one_thread):
+    from sparse_families import ResNetLike, export
+
+    import torch
+
+    torch.manual_seed(0)
+    net = ResNetLike(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, imagenet_stem=True).eval()
+    model = export(net, (1, 3, 224, 224))
+    new, details, _ = _run_pass(model, keep_macs=0.5)
+    assert details["criterion"] == "l1" and details["recover"] == "none"  # no calibration data
+    assert 0.48 <= details["summary"]["macs_kept"] <= 0.52
+    from optimizer.report import model_stats
+
+    assert abs(model_stats(new)["macs"] / model_stats(model)["macs"] - details["summary"]["macs_kept"]) < 1e-3
+
+
+def _cli(args, capsys):
+    from optimizer.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    return code, errors, err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("keep_params=0", "option keep_params=0.0 must be a fraction in (0, 1]"),
+    ("keep_params=1.5", "option keep_params=1.5 must be a fraction in (0, 1]"),
+    ("keep_macs=-1", "option keep_macs=-1.0 must be a fraction in (0, 1]"),
+    ("recover=lsq", "option recover=lsq needs calibration data"),
+    ("criterion=activation", "option criterion=activation needs calibration data"),
+])
+def test_bad_budget_and_recovery_options_exit_2_with_one_line(spec, message, digits_assets, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, errors, err = _cli([str(digits_assets.model), "--pass", f"structured-sparse:{spec}", "-o", str(out)], capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_too_few_calibration_rows_fall_back_to_ridge_with_a_warning(digits_assets, tmp_path, capsys):
+    few = tmp_path / "few.npz"
+    np.savez(few, input=np.load(digits_assets.calibration)["input"][:16])
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, errors, err = _cli([str(digits_assets.model), "--pass", "structured-sparse:keep_params=0.7", "-o", str(out),
+                              "--calibration", str(few), "--report", str(report)], capsys)
+    assert code == 0 and not errors
+    text = " ".join(err.split())  # the console wraps long warnings
+    assert "16 calibration rows for" in text and "stronger ridge" in text
+    import json
+
+    details = json.loads(report.read_text())["passes"][0]["details"]
+    gemm = [r for r in details["recovery"] if r["op"] == "Gemm" and r["rows"] < r["unknowns"]]
+    assert gemm and all(r["ridge"] >= 1e-2 and r["error_after"] <= r["error_before"] for r in gemm)

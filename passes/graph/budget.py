@@ -185,11 +185,13 @@ def unit_savings(analysis: Analysis, cost: CostModel, metric: str, candidates: d
 
 @dataclass(frozen=True)
 class Budget:
-    """keep `fraction` of the model's `metric` (params or macs); `total` is the model's own count of it."""
+    """keep `fraction` of the model's `metric` (params or macs); `total` is the model's own count of it, `start`
+    the count once it is prepared (BatchNorm folded: fewer weights before anything is pruned)."""
 
     metric: str
     fraction: float
     total: float
+    start: float
 
 
 def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarray], min_channels: int
@@ -227,7 +229,7 @@ def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], c
         finish(decisions)
         masks = cost.fractions({int(r) for x in decisions for r in x.group.roots[~x.keep]})
         left = cost.params(masks) if budget.metric == "params" else cost.mac_count(masks)
-        return (budget.total - (model_total - left)) / budget.total
+        return (budget.start - (model_total - left)) / budget.total
 
     low, high = 0, len(ranked)
     if trial(high) > budget.fraction:
