@@ -8,6 +8,7 @@ Without --debug a failure is one line on stderr; with --debug the traceback foll
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -85,10 +86,11 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
     pass_objects = [build_pass(spec) for spec in specs]
     if plan_out:
-        planners = [p for p in pass_objects if p.name == "structured-sparse"]
+        planners = [i for i, p in enumerate(pass_objects) if p.name == "structured-sparse"]
         if len(planners) != 1:
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
-        planners[0].options.plan_out = plan_out
+        planner = pass_objects[planners[0]]
+        pass_objects[planners[0]] = type(planner)(dataclasses.replace(planner.options, plan_out=plan_out))
     out_path = Path(output)
     _require_directory(output, "output")
     if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():

@@ -15,10 +15,11 @@ import yaml
 
 from optimizer.data import LABELS, random_inputs, split_labels
 from optimizer.errors import PassError, SculptError, UsageError, VerificationError
+from optimizer.io_json import write_bytes
 from optimizer.model import check_model, infer_shapes, load_model
 from optimizer.report import model_stats
 from optimizer.verify import compare, run_ort
-from passes import Pass, PassContext, get_pass
+from passes import Artifact, Pass, PassContext, PassResult, get_pass
 
 VERIFY_SAMPLES = 256
 # a comma starts a new option only when `key=` follows, so regex values (exclude=a,b) keep their commas
@@ -99,9 +100,19 @@ def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
     return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
 
 
+def write_artifacts(artifacts: Iterable[Artifact]) -> list[dict]:
+    """Write each artifact atomically to its path; returns [{"what", "path"}] for the report."""
+    written = []
+    for artifact in artifacts:
+        write_bytes(artifact.path, artifact.content)
+        written.append({"what": artifact.what, "path": artifact.path})
+    return written
+
+
 def optimize(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     passes: Iterable[PassSpec],
+    *,
     calibration: dict[str, np.ndarray] | None = None,
     evaluation: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
@@ -115,6 +126,9 @@ def optimize(
     outputs with the previous model's on the calibration inputs (seeded random inputs when none are given).
     A pass whose contract is `exact` fails the run with VerificationError when the outputs move by more than
     `tolerance` relative to the output scale (max |Δ| / max |reference|).
+
+    The passes' artifacts (keys, plans, plots) are written only after every pass has passed verification; a run
+    that fails writes none of them.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -141,24 +155,29 @@ def optimize(
     if labels is not None:
         report["eval"] = {"metric": "top1", "input": _accuracy(run_ort(model, eval_feeds), labels)}
 
+    artifacts: list[Artifact] = []
     for index, pass_ in enumerate(pass_objects):
         if on_pass is not None:
             on_pass(pass_.name, index, len(pass_objects))
         contract = pass_.contract_for_options()
         started = time.perf_counter()
         try:
-            new_model, details = pass_.run(model, ctx)
+            result = pass_.run(model, ctx)
         except SculptError:
             raise
         except Exception as e:
             raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+        new_model, details = result.model, result.report
+        artifacts.extend(result.artifacts)
         seconds = time.perf_counter() - started
         check_model(new_model, f"output of pass {pass_.name}", full=True)
         infer_shapes(new_model, strict=True)
-        verify_feeds = pass_.map_inputs(verify_feeds)
-        ctx.calibration = pass_.map_inputs(ctx.calibration)
+        verify_feeds = pass_.map_inputs(result, verify_feeds)
+        ctx.calibration = pass_.map_inputs(result, ctx.calibration)
         if eval_feeds is not None:
-            eval_feeds = pass_.map_inputs(eval_feeds)
+            eval_feeds = pass_.map_inputs(result, eval_feeds)
             ctx.evaluation = {**eval_feeds, LABELS: labels} if labels is not None else eval_feeds
         outputs = run_ort(new_model, verify_feeds)
         verify = compare(reference, outputs)
@@ -183,6 +202,8 @@ def optimize(
         report["eval"]["output"] = _accuracy(run_ort(model, eval_feeds), labels)
     if ctx.warnings:
         report["warnings"] = list(ctx.warnings)
+    if artifacts:
+        report["artifacts"] = write_artifacts(artifacts)
     return model, report
 
 
