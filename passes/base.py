@@ -92,6 +92,7 @@ class Pass:
     summary: ClassVar[str]
     Options: ClassVar[type]
     contract: ClassVar[Contract] = "approximate"
+    speedup: ClassVar[bool] = False  # does the pass promise a faster model (held to it by the speed gate)?
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
@@ -103,6 +104,10 @@ class Pass:
     def contract_for_options(self) -> Contract:
         """The contract under the current options (e.g. structured-sparse is exact only for criterion=zero)."""
         return self.contract
+
+    def claims_speedup(self, result: PassResult) -> bool:
+        """Whether this run promises a faster model; `--gate` measures such a pass and fails it when it is not."""
+        return self.speedup
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         """A new model (the input is never mutated), the report and any artifacts; never touches files."""

@@ -80,6 +80,9 @@ class Depth(Pass):
     def contract_for_options(self) -> Literal["exact", "approximate"]:
         return "exact" if self.options.mode == "insert" else "approximate"
 
+    def claims_speedup(self, result: PassResult) -> bool:
+        return bool(result.report.get("removed"))
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if self.options.mode == "remove":
             return PassResult(*self._remove(model, ctx))

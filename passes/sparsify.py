@@ -97,6 +97,8 @@ class Sparsify(Pass):
         scope: Literal["layer", "global"] = option("layer", "each weight to the target, or one global threshold")
         exclude: str | None = option(None, "regex on node names to leave dense (e.g. the first conv)")
 
+    speedup = True
+
     def validate(self) -> None:
         if not 0.0 <= self.options.sparsity < 1.0:
             raise UsageError(f"pass sparsify: option sparsity={self.options.sparsity} must be in [0, 1)")

@@ -106,6 +106,10 @@ class StructuredSparse(Pass):
     def contract_for_options(self) -> Literal["exact", "approximate"]:
         return "exact" if self.options.criterion == "zero" and not self.options.plan else "approximate"
 
+    def claims_speedup(self, result: PassResult) -> bool:
+        summary = result.report["summary"]
+        return summary["channels_after"] < summary["channels_before"]
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         started = time.perf_counter()
         o = self.options
