@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
-from optimizer.io_json import write_json
+from optimizer.io_json import to_json
 from optimizer.report import model_stats
-from passes import Pass, PassContext, option, register
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
 from passes.graph.budget import Budget, CostModel, allocate
@@ -83,7 +83,7 @@ class StructuredSparse(Pass):
     summary = "removes whole channels/filters/neurons and rewires every producer and consumer"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         ratio: float = option(0.5, "fraction of each group's channels to remove, 0 <= ratio < 1 (unused by zero "
                                    "and when keep_params/keep_macs is given)")
@@ -161,7 +161,11 @@ class StructuredSparse(Pass):
                                  "FILE.npz with real inputs (or use criterion=l1, recover=none)")
         return criterion, recover, feeds
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def claims_speedup(self, result: PassResult) -> bool:
+        summary = result.report["summary"]
+        return summary["channels_after"] < summary["channels_before"]
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         started = time.perf_counter()
         o = self.options
         phases = Phases()
@@ -204,9 +208,11 @@ class StructuredSparse(Pass):
             details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
             ctx.warn(details["message"])
+        artifacts = ()
         if o.plan_out:
-            write_json(o.plan_out, plan_payload(analysis, decisions, self._settings()))
-        return new_model, details
+            plan = to_json(plan_payload(analysis, decisions, self._settings())) + "\n"
+            artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
+        return PassResult(new_model, details, artifacts)
 
     def _budget(self) -> tuple[str, float] | None:
         o = self.options

@@ -126,9 +126,8 @@ def test_keep_macs_lands_on_the_digits_cnn(digits_assets):
 
 
 def test_keep_macs_lands_on_a_resnet18_graph(torch_one_thread):
-    from sparse_families import ResNetLike, export
-
     import torch
+    from sparse_families import ResNetLike, export
 
     torch.manual_seed(0)
     net = ResNetLike(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, imagenet_stem=True).eval()

@@ -16,31 +16,25 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from optimizer.data import graph_inputs
+from optimizer.data import fixed_batch, graph_inputs
 
 CHUNK = 16  # samples per run when the batch dimension is open
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's inputs fix (dim 0), or None when it is open."""
-    for value in graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-    return None
-
-
 def calibration_chunks(model: onnx.ModelProto, feeds: dict[str, np.ndarray], size: int = CHUNK
-                       ) -> Iterator[dict[str, np.ndarray]]:
-    """Slices of every input along axis 0 that the model accepts: its fixed batch when it has one (a trailing
-    remainder that does not fill it is left out), else `size` samples at a time."""
+                       ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(chunk, real sample count) along axis 0, in chunks the model accepts: its fixed batch when it has one (a
+    short last chunk padded by repeating its last sample, as `optimizer.data.feed_in_chunks` does; the caller
+    keeps only the first `count` rows of the outputs), else `size` samples at a time."""
     count = len(next(iter(feeds.values())))
-    fixed = fixed_batch(model)
+    fixed = fixed_batch(graph_inputs(model))
     step = fixed or size
     for start in range(0, count, step):
-        if fixed and start + step > count:
-            break
-        yield {k: v[start:start + step] for k, v in feeds.items()}
+        chunk = {k: v[start:start + step] for k, v in feeds.items()}
+        real = len(next(iter(chunk.values())))
+        if fixed and real < fixed:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in chunk.items()}
+        yield chunk, real
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -79,11 +73,6 @@ def stream(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str
     """Run the model over `feeds` chunk by chunk; yield {name: that chunk's tensor} for every name asked."""
     names = list(dict.fromkeys(names))
     run = session(with_outputs(model, names))
-    for chunk in calibration_chunks(model, feeds, size):
+    for chunk, real in calibration_chunks(model, feeds, size):
         outputs = run.run(names, chunk)
-        yield dict(zip(names, outputs, strict=True))
-
-
-def sample_count(model: onnx.ModelProto, feeds: dict[str, np.ndarray], size: int = CHUNK) -> int:
-    """How many calibration samples `stream` will use (a fixed batch may leave a remainder out)."""
-    return sum(len(next(iter(chunk.values()))) for chunk in calibration_chunks(model, feeds, size))
+        yield {name: value[:real] for name, value in zip(names, outputs, strict=True)}

@@ -287,7 +287,7 @@ def _original_runner(original: onnx.ModelProto, names: list[str], feeds: dict, s
     run = activations.session(activations.with_outputs(original, names)) if names else None
 
     def chunks(wanted: list[str]):
-        for chunk in activations.calibration_chunks(original, feeds, size):
-            yield dict(zip(wanted, run.run(wanted, chunk), strict=True))
+        for chunk, real in activations.calibration_chunks(original, feeds, size):
+            yield {name: value[:real] for name, value in zip(wanted, run.run(wanted, chunk), strict=True)}
 
     return chunks
