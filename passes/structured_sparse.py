@@ -24,14 +24,14 @@ from passes.base import compile_regex
 from passes.cleanup import cleanup_model
 from passes.graph.budget import Budget, CostModel, allocate
 from passes.graph.calibrated import Phases, refit_targets
-from passes.graph.data_scores import activation_scores, capture_stats
-from passes.graph.fidelity import fidelity_summary
+from passes.graph.data_scores import activation_scores, capture
+from passes.graph.fidelity import fidelity_summary, weight_counts
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, batchnorm_scales, summary, unit_scores
 from passes.graph.ir import with_shapes
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
 from passes.graph.prune import apply_removal, kept_counts
-from passes.graph.reconstruction import consumer_grams, group_curves, marginal_costs, obs_scores
+from passes.graph.reconstruction import group_curves, marginal_costs, obs_scores
 from passes.graph.recovery import recover
 from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
 
@@ -41,9 +41,9 @@ DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements in floating-point initializers (weights and biases)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats)
+    """Elements in floating-point weights: initializers and the tensors of Constant nodes (some exporters keep
+    every weight in a Constant node)."""
+    return weight_counts(model)[0]
 
 
 def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -105,6 +105,8 @@ class StructuredSparse(Pass):
                                                  "cuts chosen globally by sensitivity")
         keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1)")
         ridge: float = option(1e-5, "ridge of the least-squares recovery, relative to the mean input energy")
+        recovery_stages: int = option(8, "at most this many sequential refit rounds (each runs the models once on "
+                                         "the calibration data; layers beyond it are refitted in shared rounds)")
         scope: Literal["uniform", "global"] = option("uniform", "ratio per group, or one ranking across groups")
         round_to: int = option(1, "keep a multiple of this many channels in each group")
         min_channels: int = option(1, "keep at least this many channels in each group")
@@ -133,7 +135,7 @@ class StructuredSparse(Pass):
             raise UsageError(f"pass {NAME}: option ridge={o.ridge!r} must be a positive number")
         if o.scope not in ("uniform", "global"):
             raise UsageError(f"pass {NAME}: option scope={o.scope!r} is not one of uniform, global")
-        for key in ("round_to", "min_channels"):
+        for key in ("round_to", "min_channels", "recovery_stages"):
             if not isinstance(getattr(o, key), int) or getattr(o, key) < 1:
                 raise UsageError(f"pass {NAME}: option {key}={getattr(o, key)!r} must be an integer >= 1")
         self._exclude = compile_regex(NAME, "exclude", o.exclude)
@@ -173,9 +175,9 @@ class StructuredSparse(Pass):
         with phases("analysis"):
             prepared = prepare(model)
             analysis = analyze(prepared)
-            stats = capture_stats(analysis, prepared, feeds) if feeds is not None else None
-            needs_grams = feeds is not None and (criterion == "reconstruction" or self._budget() is not None)
-            grams = consumer_grams(analysis, prepared, feeds) if needs_grams else []
+            needs_grams = criterion == "reconstruction" or self._budget() is not None
+            stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) if feeds is not None \
+                else (None, [], None)
         with phases("selection"):
             scored, sens = self._scores(analysis, criterion, model, stats, grams)
             scores = {gid: s for gid, (s, _) in scored.items()}
@@ -189,7 +191,8 @@ class StructuredSparse(Pass):
             new_model, notes = apply_removal(analysis, removed)
             if recover_mode != "none" and layers:
                 with phases("recovery"):
-                    recovery = recover(prepared, new_model, layers, keep, feeds, mode=recover_mode, ridge=o.ridge)
+                    recovery = recover(prepared, new_model, layers, keep, feeds, mode=recover_mode, ridge=o.ridge,
+                                       max_stages=o.recovery_stages)
                 new_model = recovery.model
                 for text in recovery.warnings:
                     ctx.warn(f"pass {NAME}: {text}")
@@ -203,7 +206,8 @@ class StructuredSparse(Pass):
             seconds=round(time.perf_counter() - started, 3),
             phases=phases.rounded(),
         )
-        details["summary"].update(fidelity_summary(model, new_model, feeds, ctx.evaluation, estimate, self._budget()))
+        details["summary"].update(fidelity_summary(model, prepared, new_model, feeds, ctx.evaluation, estimate,
+                                                    self._budget(), reference))
         if recovery is not None:
             details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
@@ -267,7 +271,8 @@ class StructuredSparse(Pass):
         def count(m: onnx.ModelProto) -> float:
             return float(count_params(m) if metric == "params" else model_stats(m)["macs"])
 
-        budget = Budget(metric, fraction, count(model), count(analysis.view.source))
+        prepared = analysis.view.source  # MACs of the input are counted once its Constant-node weights are folded
+        budget = Budget(metric, fraction, count(model) if metric == "params" else count(prepared), count(prepared))
         decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, CostModel(analysis),
                                        budget, lambda ds: finish(analysis, ds, targets), o.min_channels)
         return settle(decisions), estimate

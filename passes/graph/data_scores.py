@@ -71,29 +71,40 @@ def _weight_column_norms(analysis: Analysis, node_name: str, tensor: str, length
     return np.sqrt(np.einsum("ij,ij->i", moved, moved))
 
 
+class StatsReducer:
+    """Reduces streamed chunks of the analysed model to every consumer's input channel norms and output energy."""
+
+    def __init__(self, analysis: Analysis):
+        self.state = analysis.state
+        by_name = {n.name: n for n in analysis.view.nodes}
+        self.terms = [t for t in self.state.consumers if t.node in by_name and by_name[t.node].outputs]
+        self.outputs = {t.node: by_name[t.node].outputs[0].name for t in self.terms}
+        self.names = sorted({t.tensor for t in self.terms} | set(self.outputs.values()))
+        self.squares: dict[str, np.ndarray] = {}
+        self.energy: dict[str, float] = defaultdict(float)
+
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        for tensor in {t.tensor for t in self.terms}:
+            x = chunk[tensor].astype(np.float64)
+            axes = tuple(i for i in range(x.ndim) if i != self.state.spaces[tensor].axis)
+            self.squares[tensor] = self.squares.get(tensor, 0) + np.sum(x * x, axis=axes)
+        for out in set(self.outputs.values()):
+            y = chunk[out].astype(np.float64)
+            self.energy[out] += float(np.sum(y * y))
+
+    def result(self) -> list[ConsumerStats]:
+        return [ConsumerStats(t.node, t.tensor, np.sqrt(self.squares[t.tensor]), self.energy[self.outputs[t.node]])
+                for t in self.terms if t.tensor in self.squares]
+
+
 def capture_stats(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[ConsumerStats]:
     """Stream the calibration data once through `model` (the analysed one) and reduce every consumer's input
     to per-channel norms and its output to an energy."""
-    state = analysis.state
-    by_name = {n.name: n for n in analysis.view.nodes}
-    terms = [t for t in state.consumers if t.node in by_name and by_name[t.node].outputs]
-    outputs = {t.node: by_name[t.node].outputs[0].name for t in terms}
-    names = sorted({t.tensor for t in terms} | set(outputs.values()))
-    squares: dict[str, np.ndarray] = {}
-    energy: dict[str, float] = defaultdict(float)
-    if not names:
-        return []
-    for chunk in activations.stream(model, feeds, names):
-        for t in terms:
-            space = state.spaces[t.tensor]
-            x = chunk[t.tensor].astype(np.float64)
-            axes = tuple(i for i in range(x.ndim) if i != space.axis)
-            sq = np.einsum("...->", x * x) if x.ndim == 0 else np.sum(x * x, axis=axes)
-            squares[t.tensor] = squares.get(t.tensor, 0) + sq
-        for out in set(outputs.values()):
-            y = chunk[out].astype(np.float64)
-            energy[out] += float(np.sum(y * y))
-    return [ConsumerStats(t.node, t.tensor, np.sqrt(squares[t.tensor]), energy[outputs[t.node]]) for t in terms]
+    reducer = StatsReducer(analysis)
+    if reducer.names:
+        for chunk in activations.stream(model, feeds, reducer.names):
+            reducer.add(chunk)
+    return reducer.result()
 
 
 def activation_scores(analysis: Analysis, stats: list[ConsumerStats]
@@ -122,3 +133,24 @@ def activation_scores(analysis: Analysis, stats: list[ConsumerStats]
             note = "no consumer with calibration activations: ranked by nothing (all zero)"
         result[group.id] = (values, relative, note)
     return result
+
+
+def capture(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray], grams: bool
+            ) -> tuple[list[ConsumerStats], list, dict[str, np.ndarray]]:
+    """One stream over the calibration data for everything selection needs: consumer stats, (with `grams`) the
+    consumers' Gram matrices, and the model's own outputs (the reference the report compares against)."""
+    from passes.graph.reconstruction import GramReducer
+
+    stats = StatsReducer(analysis)
+    gram = GramReducer(analysis, len(next(iter(feeds.values())))) if grams else None
+    outputs = [o.name for o in model.graph.output]
+    names = sorted(set(stats.names) | set(gram.names if gram else []) | set(outputs))
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for chunk in activations.stream(model, feeds, names):
+        stats.add(chunk)
+        if gram is not None:
+            gram.add(chunk)
+        for name in outputs:
+            collected[name].append(chunk[name])
+    reference = {name: np.concatenate(parts) for name, parts in collected.items()}
+    return stats.result(), gram.result() if gram is not None else [], reference

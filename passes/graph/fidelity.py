@@ -3,7 +3,8 @@
 weights_kept counts every floating-point initializer element (embedding tables included: a Gather's table is
 a weight the model ships); weights_kept_without_embeddings leaves out the tables read by Gather, which no
 channel pruning can shrink along their vocabulary axis, so both are reported. macs_kept follows the report's
-MAC count (Conv, ConvTranspose, Gemm, MatMul with a constant weight, batch 1).
+MAC count (Conv, ConvTranspose, Gemm, MatMul with a constant weight, batch 1), with a Constant node's weight
+counted like an initializer.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DO
 
 
 def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    """(float initializer elements, the part held by Gather tables)."""
+    """(float weight elements: initializers and Constant-node tensors, the part held by Gather tables)."""
     tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            tensors += [(node.output[0], a.t) for a in node.attribute if a.name == "value"]
     total = embed = 0
-    for t in model.graph.initializer:
+    for name, t in tensors:
         if t.data_type in _FLOATS:
             size = int(np.prod(t.dims))
             total += size
-            embed += size if t.name in tables else 0
+            embed += size if name in tables else 0
     return total, embed
 
 
@@ -47,14 +52,16 @@ def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     return {"cosine": round(min(cosines), 6), "top1_agreement": None if top1 is None else round(top1, 6)}
 
 
-def fidelity_summary(model: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict | None, evaluation: dict | None,
-                     estimate: float | None, budget: tuple[str, float] | None) -> dict:
-    """The model-level numbers of the pass report (see the module doc)."""
+def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict | None,
+                     evaluation: dict | None, estimate: float | None, budget: tuple[str, float] | None,
+                     reference: dict[str, np.ndarray] | None = None) -> dict:
+    """The model-level numbers of the pass report (see the module doc). MACs are counted on `prepared` (the input
+    cleaned, so weights held in Constant nodes count) and on the pruned model."""
     from optimizer.report import model_stats
 
     before, before_embed = weight_counts(model)
     after, after_embed = weight_counts(pruned)
-    macs_before, macs_after = model_stats(model)["macs"], model_stats(pruned)["macs"]
+    macs_before, macs_after = model_stats(prepared)["macs"], model_stats(pruned)["macs"]
     summary = {
         "weights_kept": round(after / before, 4) if before else 1.0,
         "weights_kept_without_embeddings": round((after - after_embed) / (before - before_embed), 4)
@@ -67,7 +74,8 @@ def fidelity_summary(model: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dic
                              "estimated": None if estimate is None else round(float(estimate), 4),
                              "reached": summary["weights_kept" if metric == "params" else "macs_kept"]}
     if feeds is not None:
-        summary["calibration"] = agreement(_outputs(model, feeds), _outputs(pruned, feeds))
+        reference = reference if reference is not None else _outputs(model, feeds)
+        summary["calibration"] = agreement(reference, _outputs(pruned, feeds))
     if evaluation is not None:
         inputs = {k: v for k, v in evaluation.items() if k != "labels"}
         ref, new = _outputs(model, inputs), _outputs(pruned, inputs)

@@ -161,3 +161,17 @@ def layer_from_node(model: onnx.ModelProto, node: onnx.NodeProto, target: str, b
     if node.op_type == "Gemm" and (attrs.get("beta", 1.0) == 0 and bias is not None):
         bias, bias_value = None, None
     return LinearLayer(node.name, node.op_type, node.input[0], target, weight_name, bias, attrs, weight, bias_value)
+
+
+ROWS_PER_UNKNOWN = 48  # design rows kept per unknown: enough for a well-posed fit, far fewer than all pixels
+
+
+def row_sample(z: np.ndarray, chunk_samples: int, total_samples: int, rng: np.random.Generator,
+               others: tuple[np.ndarray, ...] = ()) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A seeded random subset of the rows of one chunk (and the same rows of `others`), so that the whole
+    calibration set contributes about ROWS_PER_UNKNOWN rows per unknown; all rows when that many or fewer."""
+    wanted = int(np.ceil(ROWS_PER_UNKNOWN * (z.shape[-1] + 1) * chunk_samples / total_samples))
+    if len(z) <= wanted:
+        return (z, *others) if others else z
+    rows = np.sort(rng.choice(len(z), size=wanted, replace=False))
+    return (z[rows], *(o[rows] for o in others)) if others else z[rows]

@@ -21,7 +21,7 @@ import onnx
 
 from passes.graph import activations
 from passes.graph.groups import Analysis
-from passes.graph.linear import LinearLayer
+from passes.graph.linear import LinearLayer, row_sample
 
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 MAX_UNKNOWNS = 4096  # a consumer with more (im2col) unknowns keeps the activation-weighted estimate
@@ -74,27 +74,42 @@ def _consumer_layer(analysis: Analysis, node_name: str) -> LinearLayer | None:
                        weight, None)
 
 
-def consumer_grams(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[ConsumerGram]:
-    """H for every weighted consumer term of the analysis, from one stream over the calibration data."""
-    layers = {}
-    for term in analysis.state.consumers:
-        layer = _consumer_layer(analysis, term.node)
-        if layer is not None and term.tensor == layer.x:
-            taps = int(np.prod(layer.weight_value.shape[2:])) if layer.op == "Conv" else 1
-            if len(analysis.state.spaces[term.tensor]) * taps < MAX_UNKNOWNS:
-                layers[term.node] = (layer, term.tensor, taps)
-    if not layers:
-        return []
-    grams = {name: None for name in layers}
-    for chunk in activations.stream(model, feeds, sorted({x for _, x, _ in layers.values()})):
-        for name, (layer, tensor, _) in layers.items():
+class GramReducer:
+    """Reduces streamed chunks to H = Z^T Z for every weighted consumer term (rows subsampled, see linear.py)."""
+
+    def __init__(self, analysis: Analysis, samples: int, seed: int = 0):
+        self.layers = {}
+        for term in analysis.state.consumers:
+            layer = _consumer_layer(analysis, term.node)
+            if layer is not None and term.tensor == layer.x:
+                taps = int(np.prod(layer.weight_value.shape[2:])) if layer.op == "Conv" else 1
+                if len(analysis.state.spaces[term.tensor]) * taps < MAX_UNKNOWNS:
+                    self.layers[term.node] = (layer, term.tensor, taps)
+        self.names = sorted({x for _, x, _ in self.layers.values()})
+        self.grams: dict[str, np.ndarray] = {}
+        self.samples = max(samples, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        for name, (layer, tensor, _) in self.layers.items():
             x = chunk[tensor]
             for part in (x[j:j + 1] for j in range(len(x))) if layer.op == "Conv" else [x]:
-                z = layer.rows(part)[:, 0, :]
+                z = row_sample(layer.rows(part)[:, 0, :], len(part), self.samples, self.rng)
                 za = np.concatenate([z, np.ones((len(z), 1))], axis=1)
-                grams[name] = za.T @ za if grams[name] is None else grams[name] + za.T @ za
-    return [ConsumerGram(name, tensor, grams[name], layer.weights()[0], taps)
-            for name, (layer, tensor, taps) in layers.items()]
+                self.grams[name] = za.T @ za + self.grams.get(name, 0)
+
+    def result(self) -> list[ConsumerGram]:
+        return [ConsumerGram(name, tensor, self.grams[name], layer.weights()[0], taps)
+                for name, (layer, tensor, taps) in self.layers.items() if name in self.grams]
+
+
+def consumer_grams(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[ConsumerGram]:
+    """H for every weighted consumer term of the analysis, from one stream over the calibration data."""
+    reducer = GramReducer(analysis, len(next(iter(feeds.values()))))
+    if reducer.names:
+        for chunk in activations.stream(model, feeds, reducer.names):
+            reducer.add(chunk)
+    return reducer.result()
 
 
 def _positions_of(analysis: Analysis, gram: ConsumerGram, roots: set[int]) -> np.ndarray:

