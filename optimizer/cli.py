@@ -329,10 +329,15 @@ def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram
 @click.option("--eval", "eval_path", required=True, type=click.Path(dir_okay=False),
               help=".npz of inputs (with 'labels': top-1 drop; without: output cosine drop)")
 @click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="comma-separated pruning ratios")
-@click.option("--criterion", default="l1", show_default=True, help="l1 | l2 | bn-scale | hoyer")
+@click.option("--criterion", default="auto", show_default=True,
+              help="auto | reconstruction | activation | l1 | l2 | bn-scale | hoyer (auto: reconstruction with "
+                   "--calibration, l1 without)")
+@click.option("--recover", default="auto", show_default=True,
+              help="auto | lsq | mean | none: refit after each trial cut, as structured-sparse does")
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".npz for data-aware ranking and recovery")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
 @_debug_option
-def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
+def sensitivity_cmd(model, eval_path, ratios, criterion, recover, calibration, report, debug):
     """Prune each channel group alone and list the metric drop, worst first (candidates for exclude=)."""
     from optimizer.data import load_npz
     from optimizer.model import load_model
@@ -340,7 +345,9 @@ def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
 
     parsed = parse_ratios(ratios)
     proto = load_model(model)
-    result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
+    cal = load_npz(calibration, proto) if calibration else None
+    result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion, recover=recover,
+                         calibration=cal,
                          progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))
     _write_json(report, {"model": str(model), **result})
     print_sensitivity(result)

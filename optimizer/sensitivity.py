@@ -38,22 +38,44 @@ def _metric(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], la
 
 
 def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,
-                ratios: tuple[float, ...] = DEFAULT_RATIOS, criterion: str = "l1",
+                ratios: tuple[float, ...] = DEFAULT_RATIOS, criterion: str = "auto", recover: str = "auto",
+                calibration: dict[str, np.ndarray] | None = None,
                 progress: Callable[[str], None] | None = None) -> dict:
-    """Prune each prunable group alone at each ratio; returns the metric, its baseline and the sorted groups."""
+    """Prune each prunable group alone at each ratio; returns the metric, its baseline and the sorted groups.
+
+    The pruning is structured-sparse's own (`passes.graph.calibrated.importance` ranks the units,
+    `remove_and_recover` removes them and, with calibration data, refits the layers that read them), so a
+    group's drop here is what the pass would cost at that ratio. criterion/recover "auto" mean reconstruction/lsq
+    with calibration data, l1/none without.
+
+        >>> sensitivity(model, {"input": x, "labels": y}, ratios=(0.5,))["groups"][0]["ratios"]["0.5"]["drop"]
+    """
+    from passes.graph.calibrated import DATA_CRITERIA, importance, remove_and_recover
+    from passes.graph.data_scores import capture
     from passes.graph.groups import analyze
-    from passes.graph.importance import CRITERIA, unit_scores
-    from passes.graph.prune import apply_removal
+    from passes.graph.importance import CRITERIA
     from passes.graph.selection import Targets, choose, removed_roots
     from passes.structured_sparse import prepare
 
-    if criterion not in CRITERIA or criterion == "zero":
-        raise UsageError(f"--criterion {criterion!r}: use one of {', '.join(c for c in CRITERIA if c != 'zero')}")
+    criterion = criterion if criterion != "auto" else ("reconstruction" if calibration is not None else "l1")
+    recover = recover if recover != "auto" else ("lsq" if calibration is not None else "none")
+    allowed = tuple(c for c in (*DATA_CRITERIA, *CRITERIA) if c != "zero")
+    if criterion not in allowed:
+        raise UsageError(f"--criterion {criterion!r}: use one of auto, {', '.join(allowed)}")
+    if recover not in ("none", "lsq", "mean"):
+        raise UsageError(f"--recover {recover!r}: use one of auto, none, lsq, mean")
+    if calibration is None and (criterion in DATA_CRITERIA or recover != "none"):
+        raise UsageError(f"--criterion {criterion} / --recover {recover} need --calibration data")
     feeds, labels = split_labels(evaluation)
+    cal = split_labels(calibration)[0] if calibration is not None else None
     reference = run_ort(model, feeds)
     baseline = _metric(reference, reference, labels)
     prepared = prepare(model)
-    groups = [g for g in analyze(prepared).groups if g.prunable.any()]
+    first = analyze(prepared)
+    stats, grams, _ = capture(first, prepared, cal, criterion == "reconstruction") if cal is not None \
+        else (None, [], None)
+    scores = {gid: s for gid, (s, _) in importance(first, criterion, model, stats, grams)[0].items()}
+    groups = [g for g in first.groups if g.prunable.any()]
     rows = []
     for number, group in enumerate(groups):
         if progress is not None:
@@ -61,19 +83,20 @@ def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,
         drops = {}
         for ratio in ratios:
             analysis = analyze(prepared)  # removal edits the analysed graph, so each trial gets a fresh one
-            scores = {gid: s for gid, (s, _) in unit_scores(analysis, criterion).items()}
             others = {g.id: "not under test" for g in analysis.groups if g.id != group.id}
             decisions = choose(analysis, scores, Targets(ratio, "uniform", 1, 1, False), others)
             removed = removed_roots(decisions)
             kept = int(decisions[group.id].keep.sum())
-            value = _metric(run_ort(apply_removal(analysis, removed)[0], feeds), reference, labels) \
-                if removed else baseline
+            value = baseline
+            if removed:
+                pruned = remove_and_recover(analysis, removed, cal, recover, 1e-5, 8)[0]
+                value = _metric(run_ort(pruned, feeds), reference, labels)
             drops[f"{ratio:g}"] = {"kept": kept, "metric": round(value, 6), "drop": round(baseline - value, 6)}
         rows.append({"group": group.id, "name": group.name, "producers": group.producers,
                      "channels": group.channels, "ratios": drops})
     rows.sort(key=lambda row: -max(r["drop"] for r in row["ratios"].values()))
     return {"metric": "top1" if labels is not None else "cosine", "baseline": round(baseline, 6),
-            "criterion": criterion, "ratios": list(ratios), "groups": rows}
+            "criterion": criterion, "recover": recover, "ratios": list(ratios), "groups": rows}
 
 
 def print_sensitivity(result: dict) -> None:
@@ -81,7 +104,8 @@ def print_sensitivity(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"sensitivity: {result['metric']} drop when one group is pruned "
-                        f"(baseline {result['baseline']:.4f}, criterion {result['criterion']})", title_justify="left")
+                        f"(baseline {result['baseline']:.4f}, criterion {result['criterion']}, "
+                        f"recover {result.get('recover', 'none')})", title_justify="left")
     table.add_column("group")
     table.add_column("channels", justify="right")
     for ratio in result["ratios"]:

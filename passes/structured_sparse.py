@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
@@ -23,20 +22,17 @@ from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
 from passes.graph.budget import Budget, CostModel, allocate
-from passes.graph.calibrated import Phases, refit_targets
-from passes.graph.data_scores import activation_scores, capture
+from passes.graph.calibrated import DATA_CRITERIA, Phases, importance, remove_and_recover
+from passes.graph.data_scores import capture
 from passes.graph.fidelity import fidelity_summary, weight_counts
 from passes.graph.groups import Analysis, analyze
-from passes.graph.importance import CRITERIA, batchnorm_scales, summary, unit_scores
+from passes.graph.importance import CRITERIA, summary
 from passes.graph.ir import with_shapes
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
-from passes.graph.prune import apply_removal, kept_counts
-from passes.graph.reconstruction import group_curves, marginal_costs, obs_scores
-from passes.graph.recovery import recover
+from passes.graph.prune import kept_counts
 from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
 
 NAME = "structured-sparse"
-DATA_CRITERIA = ("activation", "reconstruction")
 DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
 
@@ -179,23 +175,19 @@ class StructuredSparse(Pass):
             stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) if feeds is not None \
                 else (None, [], None)
         with phases("selection"):
-            scored, sens = self._scores(analysis, criterion, model, stats, grams)
+            scored, sens = importance(analysis, criterion, model, stats, grams)
             scores = {gid: s for gid, (s, _) in scored.items()}
             decisions, estimate = self._decide(analysis, scores, sens, ctx, model)
         removed = removed_roots(decisions)
         counts = kept_counts(analysis, removed)
         params_before = count_params(model)
-        layers, keep = refit_targets(analysis, removed) if removed else ([], {})
         recovery = None
         if removed:
-            new_model, notes = apply_removal(analysis, removed)
-            if recover_mode != "none" and layers:
-                with phases("recovery"):
-                    recovery = recover(prepared, new_model, layers, keep, feeds, mode=recover_mode, ridge=o.ridge,
-                                       max_stages=o.recovery_stages)
-                new_model = recovery.model
-                for text in recovery.warnings:
-                    ctx.warn(f"pass {NAME}: {text}")
+            with phases("recovery"):
+                new_model, notes, recovery = remove_and_recover(analysis, removed, feeds, recover_mode, o.ridge,
+                                                                o.recovery_stages)
+            for text in recovery.warnings if recovery is not None else []:
+                ctx.warn(f"pass {NAME}: {text}")
         else:
             new_model, notes = self._unchanged(model), {}
         details = self._report(analysis, decisions, scored, counts, notes)
@@ -225,35 +217,6 @@ class StructuredSparse(Pass):
         if o.keep_macs is not None:
             return "macs", float(o.keep_macs)
         return None
-
-    def _scores(self, analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams
-                ) -> tuple[dict, dict]:
-        """(group -> (scores, note), group -> sensitivity per unit) for the criterion. With calibration data the
-        sensitivity is the measured refitted-error curve of each group along its removal order."""
-        if criterion in DATA_CRITERIA:
-            data = activation_scores(analysis, stats)
-            scored = {g: (s, note) for g, (s, _, note) in data.items()}
-            sens = {g: r for g, (_, r, _) in data.items()}
-            if criterion == "reconstruction":
-                obs = obs_scores(analysis, grams)
-                for group in analysis.groups:
-                    if all(int(r) in obs for r in group.roots):
-                        scored[group.id] = (np.array([obs[int(r)] for r in group.roots]), None)
-            if grams:
-                orders = {g.id: [int(i) for i in np.argsort(scored[g.id][0], kind="stable") if g.prunable[i]]
-                          for g in analysis.groups}
-                for gid, curve in group_curves(analysis, grams, orders).items():
-                    per_unit = np.zeros(len(scored[gid][0]))
-                    per_unit[orders[gid]] = marginal_costs(curve)
-                    sens[gid] = per_unit
-            return scored, sens
-        folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
-        scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
-        sens = {}
-        for gid, (values, _) in scored.items():
-            mean = values.mean() if values.size and values.mean() > 0 else 1.0
-            sens[gid] = values / mean
-        return scored, sens
 
     def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto
                 ) -> tuple[list[Decision], float | None]:

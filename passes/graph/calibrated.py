@@ -1,4 +1,6 @@
-"""The calibration-data side of structured pruning: which layers to refit after a removal, and the phase timer.
+"""The calibration-data side of structured pruning: unit importance and sensitivity for every criterion, the
+removal followed by recovery, which layers to refit, and the phase timer. The structured-sparse pass and
+`optimize sensitivity` both go through `importance` and `remove_and_recover`, so there is one algorithm.
 
 `refit_targets` lists, before the removal edits the analysed graph, every layer that reads a pruned channel
 (the consumers of the pruned groups) and every grouped/depthwise Conv whose channels shrink, with the mask of
@@ -11,10 +13,17 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+import onnx
 
+from passes.graph.data_scores import activation_scores
 from passes.graph.groups import Analysis
 from passes.graph.handler import attr
-from passes.graph.prune import RemovalCut
+from passes.graph.importance import batchnorm_scales, unit_scores
+from passes.graph.prune import RemovalCut, apply_removal
+from passes.graph.reconstruction import group_curves, marginal_costs, obs_scores
+from passes.graph.recovery import Recovery, recover
+
+DATA_CRITERIA = ("activation", "reconstruction")
 
 REFIT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -55,3 +64,46 @@ class Phases:
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams) -> tuple[dict, dict]:
+    """(group -> (scores, note), group -> sensitivity per unit) for the criterion. With calibration data the
+    sensitivity is the measured refitted-error curve of each group along its removal order (reconstruction.py);
+    without, a group's scores divided by their mean."""
+    if criterion in DATA_CRITERIA:
+        data = activation_scores(analysis, stats)
+        scored = {g: (s, note) for g, (s, _, note) in data.items()}
+        sens = {g: r for g, (_, r, _) in data.items()}
+        if criterion == "reconstruction":
+            obs = obs_scores(analysis, grams)
+            for group in analysis.groups:
+                if all(int(r) in obs for r in group.roots):
+                    scored[group.id] = (np.array([obs[int(r)] for r in group.roots]), None)
+        if grams:
+            orders = {g.id: [int(i) for i in np.argsort(scored[g.id][0], kind="stable") if g.prunable[i]]
+                      for g in analysis.groups}
+            for gid, curve in group_curves(analysis, grams, orders).items():
+                per_unit = np.zeros(len(scored[gid][0]))
+                per_unit[orders[gid]] = marginal_costs(curve)
+                sens[gid] = per_unit
+        return scored, sens
+    folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
+    scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
+    sens = {}
+    for gid, (values, _) in scored.items():
+        mean = values.mean() if values.size and values.mean() > 0 else 1.0
+        sens[gid] = values / mean
+    return scored, sens
+
+
+def remove_and_recover(analysis: Analysis, removed: set[int], feeds: dict | None, mode: str, ridge: float,
+                       stages: int) -> tuple[onnx.ModelProto, dict[str, list[str]], Recovery | None]:
+    """Remove the units (`analysis` serves one removal) and, unless mode is none, refit the layers that read
+    them against the analysed model's outputs on `feeds`. Returns (model, per-node notes, recovery or None)."""
+    prepared = analysis.view.source
+    layers, keep = refit_targets(analysis, removed)
+    pruned, notes = apply_removal(analysis, removed)
+    if mode == "none" or not layers or feeds is None:
+        return pruned, notes, None
+    result = recover(prepared, pruned, layers, keep, feeds, mode=mode, ridge=ridge, max_stages=stages)
+    return result.model, notes, result
