@@ -100,6 +100,9 @@ class StructuredSparse(Pass):
         keep_params: float | None = option(None, "keep this fraction of the model's weights (0 < F <= 1): per-group "
                                                  "cuts chosen globally by sensitivity")
         keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1)")
+        embeddings: Literal["count", "exclude"] = option(
+            "count", "whether keep_params counts embedding tables (Gather data, which channel pruning cannot shrink "
+                     "along the vocabulary) among the model's weights")
         ridge: float = option(1e-5, "ridge of the least-squares recovery, relative to the mean input energy")
         recovery_stages: int = option(8, "at most this many sequential refit rounds (each runs the models once on "
                                          "the calibration data; layers beyond it are refitted in shared rounds)")
@@ -183,7 +186,7 @@ class StructuredSparse(Pass):
         params_before = count_params(model)
         recovery = None
         if removed:
-            with phases("recovery"):
+            with phases("recovery" if recover_mode != "none" else "removal"):
                 new_model, notes, recovery = remove_and_recover(analysis, removed, feeds, recover_mode, o.ridge,
                                                                 o.recovery_stages)
             for text in recovery.warnings if recovery is not None else []:
@@ -199,7 +202,7 @@ class StructuredSparse(Pass):
             phases=phases.rounded(),
         )
         details["summary"].update(fidelity_summary(model, prepared, new_model, feeds, ctx.evaluation, estimate,
-                                                    self._budget(), reference))
+                                                    self._budget(), reference, o.embeddings == "count"))
         if recovery is not None:
             details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
@@ -232,11 +235,15 @@ class StructuredSparse(Pass):
         metric, fraction = wanted
 
         def count(m: onnx.ModelProto) -> float:
-            return float(count_params(m) if metric == "params" else model_stats(m)["macs"])
+            if metric == "macs":
+                return float(model_stats(m)["macs"])
+            total, tables = weight_counts(m)
+            return float(total - tables if o.embeddings == "exclude" else total)
 
         prepared = analysis.view.source  # MACs of the input are counted once its Constant-node weights are folded
         budget = Budget(metric, fraction, count(model) if metric == "params" else count(prepared), count(prepared))
-        decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, CostModel(analysis),
+        cost = CostModel(analysis, embeddings=o.embeddings == "count")
+        decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, cost,
                                        budget, lambda ds: finish(analysis, ds, targets), o.min_channels)
         return settle(decisions), estimate
 

@@ -48,8 +48,9 @@ def _static(shape) -> list[int] | None:
 class CostModel:
     """Weights and MACs of the analysed graph as functions of the removal (see the module doc)."""
 
-    def __init__(self, analysis: Analysis):
+    def __init__(self, analysis: Analysis, embeddings: bool = True):
         self.analysis = analysis
+        self.embeddings = embeddings  # False: Gather tables are left out of the weights
         self.constants: dict[str, _Constant] = {}
         self.macs: list[_Macs] = []
         view = analysis.view
@@ -66,6 +67,8 @@ class CostModel:
         for index, tensor in enumerate(node.inputs):
             value = view.constant(tensor)
             if value is None or value.dtype.kind not in _FLOAT_KINDS or tensor.name in self.constants:
+                continue
+            if not self.embeddings and node.op == "Gather" and index == 0:
                 continue
             sliced = self._sliced_axes(node, index, value, out, spaces)
             self.constants[tensor.name] = _Constant(int(value.size), list(value.shape), sliced)

@@ -54,7 +54,7 @@ def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
 
 def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict | None,
                      evaluation: dict | None, estimate: float | None, budget: tuple[str, float] | None,
-                     reference: dict[str, np.ndarray] | None = None) -> dict:
+                     reference: dict[str, np.ndarray] | None = None, embeddings: bool = True) -> dict:
     """The model-level numbers of the pass report (see the module doc). MACs are counted on `prepared` (the input
     cleaned, so weights held in Constant nodes count) and on the pruned model."""
     from optimizer.report import model_stats
@@ -72,7 +72,8 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
         metric, fraction = budget
         summary["budget"] = {"metric": metric, "target": fraction,
                              "estimated": None if estimate is None else round(float(estimate), 4),
-                             "reached": summary["weights_kept" if metric == "params" else "macs_kept"]}
+                             "reached": summary[("weights_kept" if embeddings else "weights_kept_without_embeddings")
+                                                if metric == "params" else "macs_kept"]}
     if feeds is not None:
         reference = reference if reference is not None else _outputs(model, feeds)
         summary["calibration"] = agreement(reference, _outputs(pruned, feeds))
