@@ -1,4 +1,9 @@
-"""User-facing error types. The CLI prints `str(error)` and exits with `error.exit_code`."""
+"""User-facing error types. The CLI prints `str(error)` and exits with `error.exit_code`.
+
+Exit code 2: the command was asked for something it cannot use (usage errors and bad input: an unknown option,
+a missing or unreadable model or data file, an unsafe output path). Exit code 1: the work itself failed (a pass,
+verification, a runtime, writing the result). `tests/test_exit_codes.py` holds the table.
+"""
 
 
 class SculptError(Exception):
@@ -13,20 +18,32 @@ class UsageError(SculptError):
     exit_code = 2
 
 
-class ModelError(SculptError):
-    """The model file cannot be used: not ONNX, truncated, fails the checker, unsupported opset."""
+class ModelError(UsageError):
+    """The input model cannot be used (exit code 2): not ONNX, truncated, fails the checker, unsupported opset."""
+
+
+class DataError(UsageError):
+    """Input data cannot be used (exit code 2): not an .npz, empty, NaN/Inf, wrong rank, dtype or labels."""
 
 
 class PassError(SculptError):
-    """A pass could not complete on this model."""
+    """A pass could not complete on this model, or produced a model that fails the checker."""
 
 
 class VerificationError(SculptError):
-    """A pass changed the model's outputs beyond what its contract allows."""
+    """A pass changed the model's outputs beyond what its contract allows, or verification saw NaN/Inf."""
+
+
+class QualityError(VerificationError):
+    """`--strict`: an approximate pass fell below the cosine / top-1 agreement floor."""
 
 
 class RuntimeFailure(SculptError):
     """A runtime could not load or run the model."""
+
+
+class WriteError(SculptError):
+    """An output could not be written after the work was done (disk full, I/O error); nothing partial is left."""
 
 
 class MissingDependency(UsageError):

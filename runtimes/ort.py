@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from optimizer.errors import RuntimeFailure, UsageError
+
+# ORT's own log lines (coloured, on stderr) would interleave with ours; its errors still reach us as exceptions.
+ort.set_default_logger_severity(3)
+# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/.../x.h:46 void ns::Fn(args...) message" -> "FAIL: message"
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*")
+_CPP_LOCATION = re.compile(r"/?\S+\.(?:h|cc|cpp):\d+\s+.*?\)\s+(?:const\s+)?(?=\S)")
 
 
 class OrtSession:
@@ -36,9 +44,14 @@ class OrtSession:
         return {"provider": "CPUExecutionProvider", "version": ort.__version__, "threads": self.threads}
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """ORT's message without its C++ source location and function signature, on one line."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    match = _ORT_PREFIX.match(line)
+    if match:
+        line = f"{match.group(1)}: " + _CPP_LOCATION.sub("", line[match.end():], count=1)
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 def load(model: onnx.ModelProto, threads: int | None = None, **options) -> OrtSession:
