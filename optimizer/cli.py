@@ -42,10 +42,22 @@ def _debug_option(f):
     return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
 
 
-def _require_directory(path: str, what: str) -> None:
-    """Fail before any work when the file at `path` could not be written: its directory is missing."""
-    if not Path(path).parent.is_dir():
-        raise UsageError(f"{path}: {what} directory {Path(path).parent} does not exist")
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def _check_paths(models=(), reads=(), writes=()) -> None:
+    """The output-path safety rule (optimizer.paths), before any work: (label, path) pairs, None paths skipped."""
+    from optimizer.paths import OutputPlan
+
+    plan = OutputPlan()
+    for label, path in models:
+        plan.read_model(path, label)
+    for label, path in reads:
+        plan.read(label, path)
+    for label, path in writes:
+        plan.write(label, path)
+    plan.check()
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -59,22 +71,34 @@ def _write_json(path: str | None, payload: dict) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pass", "pass_specs", multiple=True, metavar="NAME[:key=value,...]", help="a pass to run (repeatable)")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML file listing passes and options")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="where to write the model")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="where to write the model (DIR/ writes DIR/<model's file name>)")
 @click.option("--calibration", type=click.Path(dir_okay=False), help=".npz with one array per model input")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help=".npz with inputs and 'labels'")
 @click.option("--tolerance", type=float, default=None, help="max relative output change for exact passes [1e-4]")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the report as JSON")
-@click.option("--seed", type=int, default=None, help="seed for random choices and random inputs [0]")
-@click.option("--batch", type=int, default=1, show_default=True, help="batch size for random inputs")
+@click.option("--seed", type=NON_NEGATIVE, default=None, help="seed for random choices and random inputs [0]")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True,
+              help="batch for MACs; random verification inputs use at least 32 samples")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="write the structured-sparse plan as JSON")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
+              help="quality floor for approximate passes: output cosine against the previous model")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="quality floor for approximate passes: top-1 agreement with the previous model")
+@click.option("--strict", is_flag=True, help="a pass below the quality floor fails the run (exit 1, nothing written)")
+@click.option("--freeze-inputs", is_flag=True,
+              help="treat graph inputs that have a default (initializer) as constants instead of inputs")
 @_debug_option
 def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, plan_out,
-              debug):
+              min_cosine, min_agreement, strict, freeze_inputs, debug):
     """Run passes on MODEL and write the result to OUT."""
     from optimizer.console import print_pipeline_report, progress_printer
     from optimizer.data import load_npz
     from optimizer.model import read_model, save_model
+    from optimizer.paths import external_data_files, output_model_path
     from optimizer.pipeline import build_pass, load_recipe, optimize
+    from optimizer.verify import QualityFloor
+    from passes.base import file_options
 
     specs: list = []
     settings: dict = {}
@@ -89,12 +113,15 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         if len(planners) != 1:
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
         planners[0].options.plan_out = plan_out
-    out_path = Path(output)
-    _require_directory(output, "output")
-    if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
-        raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
-    if report:
-        _require_directory(report, "report")
+    output = output_model_path(output, model)
+    pass_files = [(f"{p.name}:{name}", path, kind) for p in pass_objects for name, kind, path in file_options(p)]
+    _check_paths(
+        models=[("the input model", model)],
+        reads=[("--calibration", calibration), ("--eval", eval_path), ("--recipe", recipe),
+               *[(label, path) for label, path, kind in pass_files if kind == "read"]],
+        writes=[("-o", output), ("the external data of -o", f"{output}.data" if external_data_files(model) else None),
+                ("--report", report), *[(label, path) for label, path, kind in pass_files if kind == "write"]],
+    )
     source, external = read_model(model)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
@@ -111,6 +138,9 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         seed=seed if seed is not None else settings.get("seed", 0),
         batch=batch,
         on_pass=progress_printer(),
+        floor=QualityFloor(min_cosine=min_cosine, min_agreement=min_agreement),
+        strict=strict,
+        freeze_inputs=freeze_inputs,
     )
     save_model(result, output, external=external or None)
     pipeline_report["model"] = str(model)
@@ -132,7 +162,7 @@ def passes_cmd(debug):
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calibration", type=click.Path(dir_okay=False), help="measure activation statistics on these inputs")
-@click.option("--batch", type=int, default=1, show_default=True, help="batch size used to count MACs")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="batch size used to count MACs")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the facts as JSON")
 @_debug_option
 def inspect_cmd(model, calibration, batch, report, debug):
@@ -142,6 +172,8 @@ def inspect_cmd(model, calibration, batch, report, debug):
     from optimizer.model import load_model
     from optimizer.report import layer_rows, model_stats
 
+    _check_paths(models=[("the input model", model)], reads=[("--calibration", calibration)],
+                 writes=[("--report", report)])
     proto = load_model(model)
     facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
     if calibration:
@@ -159,7 +191,11 @@ def _runtime_options(runtime_names, option_strings: dict[str, tuple[str, ...]]) 
     options: dict[str, dict] = {}
     for name, strings in option_strings.items():
         for text in strings:
-            options.setdefault(name, {}).update(parse_pass_spec(f"{name}:{text}")[1])
+            values = parse_pass_spec(f"{name}:{text}")[1]
+            repeated = sorted(set(values) & set(options.get(name, {})))
+            if repeated:
+                raise UsageError(f"--{name}: option {repeated[0]!r} is given twice; give each option once")
+            options.setdefault(name, {}).update(values)
         if strings and name not in runtime_names:
             raise UsageError(f"--{name} options given but --runtime {name} is not selected")
     return options
@@ -186,7 +222,7 @@ def _collect_runtime_options(runtime_names, tvm_opts, reram_opts, reram_config) 
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help=".npz of inputs")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help=".npz to write")
 @click.option("--runtime", default="ort", show_default=True, help="ort | tvm | reram")
-@click.option("--threads", type=int, default=None, help="threads for the runtime")
+@click.option("--threads", type=POSITIVE, default=None, help="threads for the runtime")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the runtime's description as JSON")
 @_runtime_flags
 @_debug_option
@@ -196,7 +232,8 @@ def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     from optimizer.data import load_npz, split_labels
     from optimizer.model import load_model
 
-    _require_directory(output_path, "output")
+    _check_paths(models=[("the input model", model)], reads=[("--input", input_path), ("--reram-config", reram_config)],
+                 writes=[("--output", output_path), ("--report", report)])
     proto = load_model(model)
     data = load_npz(input_path, proto)
     feeds, labels = split_labels(data)
@@ -211,6 +248,9 @@ def run_cmd(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     described = session.describe()
     _write_json(report, {"model": str(model), "runtime": runtime, runtime: described})
     click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+    from optimizer.console import print_runtime_summary
+
+    print_runtime_summary(runtime, described)
 
 
 @cli.command("morph")
@@ -228,7 +268,7 @@ def morph_cmd(key, input_path, output_path, debug):
     from optimizer.morph import load_key, morph
     from passes.mole import morphed_name
 
-    _require_directory(output_path, "output")
+    _check_paths(reads=[("the key", key), ("--input", input_path)], writes=[("--output", output_path)])
     secret = load_key(key)
     data = load_npz(input_path)
     if secret.input_name not in data:
@@ -245,11 +285,11 @@ def morph_cmd(key, input_path, output_path, debug):
 @click.option("--runtime", "runtime_names", multiple=True, default=("ort",), show_default=True, help="repeatable")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help=".npz of real inputs")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help=".npz with labels (runtimes that evaluate)")
-@click.option("--batch", type=int, default=1, show_default=True, help="batch size of random inputs")
-@click.option("--threads", type=int, default=1, show_default=True, help="threads for every runtime")
-@click.option("--runs", type=int, default=20, show_default=True, help="timed runs per row")
-@click.option("--warmup", type=int, default=3, show_default=True, help="untimed runs per row")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of random inputs")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="batch size of random inputs")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="threads for every runtime")
+@click.option("--runs", type=POSITIVE, default=20, show_default=True, help="timed runs per row")
+@click.option("--warmup", type=NON_NEGATIVE, default=3, show_default=True, help="untimed runs per row")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="seed of random inputs")
 @click.option("--report", type=click.Path(dir_okay=False), help="write results as JSON")
 @_runtime_flags
 @_debug_option
@@ -261,6 +301,9 @@ def bench_cmd(models, runtime_names, input_path, eval_path, batch, threads, runs
     from optimizer.data import load_npz
     from optimizer.model import load_model
 
+    _check_paths(models=[("an input model", m) for m in models],
+                 reads=[("--input", input_path), ("--eval", eval_path), ("--reram-config", reram_config)],
+                 writes=[("--report", report)])
     names = [Path(m).name for m in models]
     labels = names if len(set(names)) == len(names) else list(models)
     protos = [(label, load_model(m)) for label, m in zip(labels, models, strict=True)]
@@ -268,9 +311,16 @@ def bench_cmd(models, runtime_names, input_path, eval_path, batch, threads, runs
     evaluation = load_npz(eval_path, protos[0][1]) if eval_path else None
     options = _collect_runtime_options(list(runtime_names), tvm_opts, reram_opts, reram_config)
     results = bench(protos, list(runtime_names), inputs=inputs, batch=batch, threads=threads, runs=runs,
-                    warmup=warmup, seed=seed, runtime_options=options, evaluation=evaluation)
+                    warmup=warmup, seed=seed, runtime_options=options, evaluation=evaluation,
+                    progress=lambda text: click.echo(f"bench: {text}", err=True))
     _write_json(report, results)
     print_bench(results)
+    failed = [r for r in results["results"] if "error" in r]
+    if failed:
+        from optimizer.errors import RuntimeFailure
+
+        raise RuntimeFailure(f"{len(failed)} of {len(results['results'])} bench rows failed "
+                             f"(first: {failed[0]['model']} on {failed[0]['runtime']}: {failed[0]['error']})")
 
 
 @cli.command("reram-sweep")
@@ -290,6 +340,9 @@ def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram
     from runtimes.reram.sweep import check_plot_path, parse_bits, sweep, table_lines, write_plot
 
     bits = parse_bits(adc_bits)
+    _check_paths(models=[("the input model", model)],
+                 reads=[("--eval", eval_path), ("--calibration", calibration), ("--reram-config", reram_config)],
+                 writes=[("--plot", plot), ("--report", report)])
     if plot:
         check_plot_path(plot)
     proto = load_model(model)
@@ -322,6 +375,7 @@ def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
     from optimizer.sensitivity import parse_ratios, print_sensitivity, sensitivity
 
     parsed = parse_ratios(ratios)
+    _check_paths(models=[("the input model", model)], reads=[("--eval", eval_path)], writes=[("--report", report)])
     proto = load_model(model)
     result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
                          progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))
@@ -331,10 +385,10 @@ def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
 
 @cli.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--trials", type=int, required=True, help="measured candidates in total (MetaSchedule)")
-@click.option("--batch", type=int, default=None, help="batch to tune for (needed when the model's batch is open)")
+@click.option("--trials", type=POSITIVE, required=True, help="measured candidates in total (MetaSchedule)")
+@click.option("--batch", type=POSITIVE, default=None, help="batch to tune for (needed when the model's batch is open)")
 @click.option("--tvm", "tvm_opts", multiple=True, metavar="k=v,...", help="tvm options (sparse, block, cache_dir)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
 @_debug_option
 def tune_cmd(model, trials, batch, tvm_opts, seed, report, debug):
@@ -343,6 +397,7 @@ def tune_cmd(model, trials, batch, tvm_opts, seed, report, debug):
     from runtimes.tvm.options import parse_options
     from runtimes.tvm.tune import tune
 
+    _check_paths(models=[("the input model", model)], writes=[("--report", report)])
     values = _runtime_options(["tvm"], {"tvm": tvm_opts}).get("tvm", {})
     options = parse_options({**values, **({"batch": batch} if batch is not None else {})})
     result = tune(load_model(model), trials=trials, options=options, seed=seed)
@@ -355,8 +410,8 @@ def tune_cmd(model, trials, batch, tvm_opts, seed, report, debug):
 @click.argument("model_a", type=click.Path(dir_okay=False))
 @click.argument("model_b", type=click.Path(dir_okay=False))
 @click.option("--calibration", type=click.Path(dir_okay=False), help=".npz of inputs (default: seeded random)")
-@click.option("--batch", type=int, default=1, show_default=True, help="batch size of random inputs")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=POSITIVE, default=32, show_default=True, help="samples of random inputs")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @_debug_option
 def compare_cmd(model_a, model_b, calibration, batch, seed, debug):
     """Max abs/rel error, cosine and top-1 agreement between two models' outputs (ONNX Runtime)."""
@@ -367,7 +422,12 @@ def compare_cmd(model_a, model_b, calibration, batch, seed, debug):
 
     a, b = load_model(model_a), load_model(model_b)
     feeds = split_labels(load_npz(calibration, a))[0] if calibration else random_inputs(a, batch, seed)
-    print_compare(compare(run_ort(a, feeds), run_ort(b, feeds)))
+    result = compare(run_ort(a, feeds), run_ort(b, feeds))
+    if "failure" in result:
+        from optimizer.errors import VerificationError
+
+        raise VerificationError(f"compare: {result['failure']}")
+    print_compare(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,8 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="optimize", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            return 130
+        cause = e.__context__
+        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        click.echo(f"error: input ended unexpectedly{detail}", err=True)
         return 1
     except click.ClickException as e:
         e.show()

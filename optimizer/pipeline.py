@@ -14,13 +14,15 @@ import onnx
 import yaml
 
 from optimizer.data import LABELS, random_inputs, split_labels
-from optimizer.errors import PassError, SculptError, UsageError, VerificationError
+from optimizer.errors import PassError, QualityError, SculptError, UsageError, VerificationError
 from optimizer.model import check_model, infer_shapes, load_model
+from optimizer.overridable import default_feeds, detach, freeze, reattach
 from optimizer.report import model_stats
-from optimizer.verify import compare, run_ort
+from optimizer.verify import QualityFloor, compare, run_ort
 from passes import Pass, PassContext, get_pass
 
 VERIFY_SAMPLES = 256
+MIN_RANDOM_SAMPLES = 32  # without calibration data: enough that top-1 agreement is not just 0 or 1
 # a comma starts a new option only when `key=` follows, so regex values (exclude=a,b) keep their commas
 _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")
 
@@ -39,7 +41,10 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise UsageError(f"--pass {spec!r}: expected key=value, got {item!r}")
-            options[key.strip()] = value.strip()
+            key = key.strip()
+            if key in options or key.replace("-", "_") in {k.replace("-", "_") for k in options}:
+                raise UsageError(f"--pass {spec!r}: option {key!r} is given twice; give each option once")
+            options[key] = value.strip()
     return name, options
 
 
@@ -91,7 +96,11 @@ def load_recipe(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], dict]:
 
 def _verify_feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     feeds, _ = split_labels(data)
-    return {k: v[:VERIFY_SAMPLES] for k, v in feeds.items()}
+    return {k: v[:VERIFY_SAMPLES] if np.ndim(v) else v for k, v in feeds.items()}
+
+
+def _sample_count(feeds: dict[str, np.ndarray]) -> int:
+    return max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
 
 
 def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
@@ -108,13 +117,21 @@ def optimize(
     seed: int = 0,
     batch: int = 1,
     on_pass: Callable[[str, int, int], None] | None = None,
+    *,
+    floor: QualityFloor | None = None,
+    strict: bool = False,
+    freeze_inputs: bool = False,
 ) -> tuple[onnx.ModelProto, dict]:
     """Run `passes` in order on a copy of the model and return (model, report).
 
     After every pass: the full ONNX checker, strict shape inference, and a comparison of the new model's
-    outputs with the previous model's on the calibration inputs (seeded random inputs when none are given).
-    A pass whose contract is `exact` fails the run with VerificationError when the outputs move by more than
-    `tolerance` relative to the output scale (max |Δ| / max |reference|).
+    outputs with the previous model's on the calibration inputs (without them, seeded random inputs: at least
+    MIN_RANDOM_SAMPLES where the batch axis is open; the report's "verification" entry says which). NaN/Inf in
+    either model's outputs fail the run (VerificationError). A pass whose contract is `exact` fails the run when
+    the outputs move by more than `tolerance` relative to the output scale (max |Δ| / max |reference|); an
+    `approximate` pass below `floor` (cosine, top-1 agreement) is a warning, or with `strict` a QualityError.
+    Overridable initializers (graph inputs with a default) stay inputs through every pass unless
+    `freeze_inputs` makes them constants first.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -126,16 +143,30 @@ def optimize(
         raise UsageError("no passes given; use --pass NAME (see `optimize passes`)")
     if not tolerance >= 0:
         raise UsageError(f"--tolerance {tolerance}: must be a non-negative number")
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be at least 1")
+    floor = floor or QualityFloor()
+    if freeze_inputs:
+        model = freeze(model)
 
+    random_batch = max(batch, MIN_RANDOM_SAMPLES)
     ctx = PassContext(
-        calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, batch, seed),
+        calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, random_batch,
+                                                                                               seed),
         calibration_is_random=calibration is None,
         evaluation=evaluation,
         seed=seed,
     )
     verify_feeds = _verify_feeds(ctx.calibration)
     reference = run_ort(model, verify_feeds)
-    report: dict[str, Any] = {"input": model_stats(model, batch), "passes": []}
+    _check_reference(reference)
+    samples = _sample_count(verify_feeds)
+    report: dict[str, Any] = {"input": model_stats(model, batch), "passes": [], "verification": {
+        "inputs": "calibration data" if calibration is not None else f"seeded random N(0,1) inputs (seed {seed})",
+        "samples": samples}}
+    if samples < MIN_RANDOM_SAMPLES:
+        ctx.warn(f"verification compares only {samples} sample(s) (fewer than {MIN_RANDOM_SAMPLES}): cosine and "
+                 "top-1 agreement are coarse; give more --calibration samples")
     labels = evaluation.get(LABELS) if evaluation is not None else None
     eval_feeds = split_labels(evaluation)[0] if evaluation is not None else None
     if labels is not None:
@@ -146,15 +177,21 @@ def optimize(
             on_pass(pass_.name, index, len(pass_objects))
         contract = pass_.contract_for_options()
         started = time.perf_counter()
+        detached, defaults = detach(model)
+        user_calibration = ctx.calibration
+        ctx.calibration = {**default_feeds(defaults), **user_calibration}
         try:
-            new_model, details = pass_.run(model, ctx)
+            new_model, details = pass_.run(detached, ctx)
         except SculptError:
             raise
         except Exception as e:
             raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
+        finally:
+            ctx.calibration = user_calibration
+        new_model = reattach(new_model, defaults)
         seconds = time.perf_counter() - started
-        check_model(new_model, f"output of pass {pass_.name}", full=True)
-        infer_shapes(new_model, strict=True)
+        check_model(new_model, f"output of pass {pass_.name}", full=True, error=PassError)
+        infer_shapes(new_model, strict=True, error=PassError)
         verify_feeds = pass_.map_inputs(verify_feeds)
         ctx.calibration = pass_.map_inputs(ctx.calibration)
         if eval_feeds is not None:
@@ -171,11 +208,7 @@ def optimize(
             "details": details,
         }
         report["passes"].append(entry)
-        if contract == "exact" and not verify["max_rel_err"] <= tolerance:
-            raise VerificationError(
-                f"pass {pass_.name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
-                f"> tolerance {tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
-            )
+        _judge(pass_.name, contract, verify, tolerance, floor, strict, ctx)
         model, reference = new_model, outputs
 
     report["output"] = model_stats(model, batch)
@@ -184,6 +217,34 @@ def optimize(
     if ctx.warnings:
         report["warnings"] = list(ctx.warnings)
     return model, report
+
+
+def _check_reference(reference: dict[str, np.ndarray]) -> None:
+    """The input model's own outputs must be finite, or no comparison against them means anything."""
+    verdict = compare(reference, reference)
+    if "failure" in verdict:
+        raise VerificationError(f"input model: {verdict['failure']}; check the model and the --calibration data")
+
+
+def _judge(name: str, contract: str, verify: dict, tolerance: float, floor: QualityFloor, strict: bool,
+           ctx: PassContext) -> None:
+    """Fail the run (VerificationError) or warn, from one pass's verification figures."""
+    if "failure" in verify:
+        raise VerificationError(f"pass {name}: {verify['failure']}; nothing was written")
+    if contract == "exact":
+        if not verify["max_rel_err"] <= tolerance:
+            raise VerificationError(
+                f"pass {name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
+                f"> tolerance {tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
+            )
+        return
+    shortfall = floor.shortfall(verify)
+    if shortfall is None:
+        return
+    if strict:
+        raise QualityError(f"pass {name} fell below the quality floor ({shortfall}); --strict: nothing was written")
+    ctx.warn(f"pass {name} fell below the quality floor ({shortfall}); the output may be broken "
+             "(--strict fails the run instead; --min-cosine/--min-agreement set the floor)")
 
 
 def _plain_options(pass_: Pass) -> dict:
