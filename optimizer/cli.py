@@ -445,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         click.echo(f"error: input ended unexpectedly{detail}", err=True)
         return 1
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, like every other error; `--help` shows the usage
+        command = f"optimize {e.ctx.command_path.split(' ', 1)[1]}: " if getattr(e, "ctx", None) and " " in (
+            e.ctx.command_path or "") else ""
+        click.echo(f"error: {command.replace('optimize apply: ', '')}{e.format_message()}", err=True)
         return e.exit_code
     except SculptError as e:
         if debug:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False, soft_wrap=False, width=140)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # a warning stays one line
 
 
 def _num(value, fmt: str = ",") -> str:

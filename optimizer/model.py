@@ -139,6 +139,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
 def _publish_pair(staged: Path, staged_data: Path, path: Path, data: Path, tmp: Path) -> None:
     """Rename the data file, then the model, into place; if the model's rename fails, restore the old data."""
     _ordinary_permissions(staged)
+    if not staged_data.exists():  # every tensor was under the size threshold: nothing went to external data
+        os.replace(staged, path)
+        return
     _ordinary_permissions(staged_data)
     backup = tmp / "previous.data"
     had_old = data.exists()

@@ -99,6 +99,7 @@ class Quantize(Pass):
         metadata = write_qdq(model, plan)
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
+        _warn_declines(declines, ctx)
         details["calibration"] = {
             "samples": _batch_size(feeds),
             "random": ctx.calibration is None or ctx.calibration_is_random,
@@ -176,6 +177,15 @@ class Quantize(Pass):
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),
         }
+
+
+def _warn_declines(declines: list, ctx: PassContext) -> None:
+    """One line for the nodes left in float that the user did not exclude (the report lists every one)."""
+    left = [d for d in declines if "exclude option" not in d.reason]
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        ctx.warn(f"quantize: {left[0].op} {left[0].node!r} stays float ({left[0].reason}){more}; "
+                 "see 'declined' in the report")
 
 
 def _warn_unfolded_batchnorm(model: onnx.ModelProto, sites: list[Site], ctx: PassContext) -> None:
