@@ -20,8 +20,7 @@ import runtimes
 from optimizer.data import check_feeds, random_inputs, split_labels
 from optimizer.errors import SculptError, UsageError
 
-MEMORY_METHOD = ("RSS growth of this process while the row's session loads and warms up (a delta, measured "
-                 "on its own for each row; memory an earlier row freed may be reused)")
+MEMORY_METHOD = "RSS growth while the row loads and warms up (a per-row delta within one process)"
 
 
 @dataclass

@@ -76,7 +76,7 @@ def print_groups(pass_name: str, groups: list[dict], limit: int = GROUP_ROWS) ->
         table.add_column(column)
     for group in shown:
         members = group.get("members", [])
-        nodes = sorted({m["node"] for m in members})
+        nodes = sorted({m["node"] or m["tensor"] for m in members})
         listed = ", ".join(nodes[:4]) + (f" (+{len(nodes) - 4})" if len(nodes) > 4 else "")
         table.add_row(group.get("name", "?"), group.get("status", "?"),
                       f"{group.get('channels_before', '?')} → {group.get('channels_after', '?')}", listed,
@@ -105,9 +105,10 @@ def print_runtime_summary(runtime: str, described: dict) -> None:
         parts.append(f"ADC share {described['adc_energy_share']:.1%}")
     if described.get("pj_per_mac") is not None:
         parts.append(f"{described['pj_per_mac']:.4g} pJ/MAC")
-    parts += [f"latency {described['latency_ns'] / 1e3:.6g} us", f"area {described['area_mm2']:.4g} mm2",
-              f"{described['arrays']} crossbar arrays", f"{described['macs']:,} MACs on crossbars"]
+    parts.append(f"latency {described['latency_ns'] / 1e3:.6g} us")
     console.print("reram cost (this run, ISAAC-derived cost model): " + ", ".join(parts))
+    console.print(f"reram hardware: area {described['area_mm2']:.4g} mm2, {described['arrays']} crossbar arrays, "
+                  f"{described['macs']:,} MACs on crossbars")
     conversions = described["adc_conversions"]
     console.print(f"ADC: {conversions:,} conversions, {described['saturated_conversions']:,} saturated "
                   f"({described['saturation_rate']:.4%})"
