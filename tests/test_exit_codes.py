@@ -31,7 +31,8 @@ def test_every_error_class_is_in_the_table():
 
 def _model(op: str = "Relu", domain: str = "") -> onnx.ModelProto:
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node(op, ["h"], ["y"], domain=domain)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node(op, ["h"], ["y"], domain=domain)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w])
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
@@ -92,8 +93,9 @@ EXPECTED = {"UsageError": 2, "ModelError": 2, "DataError": 2, "click usage": 2, 
             "VerificationError": 1, "QualityError": 1, "RuntimeFailure": 1, "WriteError": 1}
 
 
-MESSAGES = {"PassError": "nothing to prune", "RuntimeFailure": "onnxruntime cannot load", "WriteError": "cannot write",
-            "VerificationError": "is exact but changed", "QualityError": "quality floor", "ModelError": "not a readable"}
+MESSAGES = {"PassError": "nothing to prune", "RuntimeFailure": "onnxruntime cannot load",
+            "WriteError": "cannot write", "VerificationError": "is exact but changed",
+            "QualityError": "quality floor", "ModelError": "not a readable"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -149,7 +149,8 @@ def test_quality_floor_warns_and_strict_fails(work, capsys):
 def test_quality_floor_shortfall_text():
     floor = QualityFloor()
     assert floor.shortfall({"cosine": 0.999, "top1_agreement": 1.0}) is None
-    assert floor.shortfall({"cosine": 0.13, "top1_agreement": 0.4}) == "cosine 0.130000 < 0.99, top-1 agreement 0.4000 < 0.95"
+    assert floor.shortfall({"cosine": 0.13, "top1_agreement": 0.4}) == (
+        "cosine 0.130000 < 0.99, top-1 agreement 0.4000 < 0.95")
 
 
 def _overridable() -> onnx.ModelProto:
@@ -173,7 +174,8 @@ def test_cleanup_keeps_overridable_initializers_as_inputs(tmp_path):
     np.testing.assert_array_equal(run_ort(cleaned, {"x": x})["y"], x * 2 + 0.5)
     s = np.full((1, 4), -3, np.float32)
     np.testing.assert_array_equal(run_ort(cleaned, {"x": x, "s": s})["y"], x * -3 + 0.5)
-    assert main([str(tmp_path / "over.onnx"), "--pass", "cleanup", "--freeze-inputs", "-o", str(tmp_path / "f.onnx")]) == 0
+    frozen_path = str(tmp_path / "f.onnx")
+    assert main([str(tmp_path / "over.onnx"), "--pass", "cleanup", "--freeze-inputs", "-o", frozen_path]) == 0
     frozen = onnx.load(tmp_path / "f.onnx")
     assert [i.name for i in frozen.graph.input] == ["x"]
     np.testing.assert_array_equal(run_ort(frozen, {"x": x})["y"], x * 2 + 0.5)
