@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, one_line
 from optimizer.model import metadata_value
 
 ACTIVATION_MASKS_KEY = "sculpt.activation_masks"  # written by the activation-prune pass: [{"tensor": ...}, ...]
@@ -64,7 +64,7 @@ class ProbeSession:
             probed.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
             present.add(name)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: errors arrive as exceptions
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -145,8 +145,7 @@ def describe_values(values: np.ndarray) -> dict:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return one_line(error)
 
 
 def zero_skip_macs(

@@ -37,7 +37,9 @@ def input_spec(value: onnx.ValueInfoProto, batch: int = 1) -> tuple[tuple[int, .
     """Concrete shape (a dynamic dim takes `batch`) and numpy dtype of a graph input."""
     tensor = value.type.tensor_type
     if tensor.elem_type not in _ONNX_TO_NUMPY:
-        raise UsageError(f"input {value.name!r}: element type {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+        known = tensor.elem_type in onnx.TensorProto.DataType.values()
+        type_name = onnx.TensorProto.DataType.Name(tensor.elem_type) if known else f"code {tensor.elem_type}"
+        raise UsageError(f"input {value.name!r}: element type {type_name} "
                          "is not supported for generated data; pass real inputs with --input/--calibration")
     shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tensor.shape.dim)
     return shape, np.dtype(_ONNX_TO_NUMPY[tensor.elem_type])

@@ -5,6 +5,29 @@ a missing or unreadable model or data file, an unsafe output path). Exit code 1:
 verification, a runtime, writing the result). `tests/test_exit_codes.py` holds the table.
 """
 
+import re
+
+# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/.../x.h:46 void ns::Fn(args...) message" -> "FAIL: message"
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*")
+_CPP_LOCATION = re.compile(r"/?\S+\.(?:h|cc|cpp):\d+\s+.*?\)\s+(?:const\s+)?(?=\S)")
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A third-party exception's message as one line a user can read: the first line (joined with the next when
+    it ends in a colon), ONNX Runtime's status prefix and C++ source location and signature removed, capped.
+
+        >>> one_line(Exception("[ONNXRuntimeError] : 1 : FAIL : /src/a.h:46 void f(int) Opset 99 is unknown"))
+        'FAIL: Opset 99 is unknown'
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    match = _ORT_PREFIX.match(line)
+    if match:
+        line = f"{match.group(1)}: " + _CPP_LOCATION.sub("", line[match.end():], count=1)
+    return line if len(line) <= limit else line[:limit] + "…"
+
 
 class SculptError(Exception):
     """A failure the user can act on (exit code 1): a pass failed, verification failed, a runtime failed."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference, version_converter
 
-from optimizer.errors import ModelError, SculptError, UsageError, WriteError
+from optimizer.errors import ModelError, SculptError, UsageError, WriteError, one_line
 
 MIN_OPSET = 13
 # protobuf refuses to serialize a single message over 2 GiB; larger models keep their tensors as external data.
@@ -38,6 +38,8 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
+    if not model.graph.output:
+        raise ModelError(f"{path}: the graph has no outputs; nothing could be computed or compared")
     check_model(model, str(path))
     return upgrade_opset(model, str(path)), external
 
@@ -82,6 +84,11 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
         raise error(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
     except (UnicodeDecodeError, ValueError, TypeError, RuntimeError) as e:  # corrupt strings, bad enum values
         raise error(f"{where}: fails the ONNX checker ({type(e).__name__}: {_first_line(e)})") from e
+    known = set(onnx.TensorProto.DataType.values())
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
+            raise error(f"{where}: graph input/output {value.name!r} has unknown element type code "
+                        f"{value.type.tensor_type.elem_type}")
     newest = onnx.defs.onnx_opset_version()
     if default_opset(model) > newest:
         raise error(f"{where}: opset {default_opset(model)} is newer than the newest this onnx supports ({newest}); "
@@ -98,9 +105,7 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = True,
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "…"
+    return one_line(error, limit)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:

@@ -146,6 +146,8 @@ def optimize(
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
     floor = floor or QualityFloor()
+    # the check every pass's output must pass: a model failing it already is bad input (exit 2), not a pass failure
+    check_model(model, "the input model", full=True)
     if freeze_inputs:
         model = freeze(model)
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, one_line
 
-# ORT's own log lines (coloured, on stderr) would interleave with ours; its errors still reach us as exceptions.
-ort.set_default_logger_severity(3)
-# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/.../x.h:46 void ns::Fn(args...) message" -> "FAIL: message"
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*")
-_CPP_LOCATION = re.compile(r"/?\S+\.(?:h|cc|cpp):\d+\s+.*?\)\s+(?:const\s+)?(?=\S)")
-
+# ORT's own log lines (coloured, straight to file descriptor 2) would interleave with ours; its errors still
+# reach us as exceptions, which the CLI turns into one line. 4 = fatal only (onnx-graphsurgeon's constant folding
+# opens sessions on the default logger too).
+ort.set_default_logger_severity(4)
 
 class OrtSession:
     def __init__(self, model: onnx.ModelProto, threads: int | None = None):
@@ -23,7 +19,7 @@ class OrtSession:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         self.threads = threads
         try:
             self._session = ort.InferenceSession(
@@ -44,14 +40,8 @@ class OrtSession:
         return {"provider": "CPUExecutionProvider", "version": ort.__version__, "threads": self.threads}
 
 
-def _first_line(error: Exception, limit: int = 300) -> str:
-    """ORT's message without its C++ source location and function signature, on one line."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    match = _ORT_PREFIX.match(line)
-    if match:
-        line = f"{match.group(1)}: " + _CPP_LOCATION.sub("", line[match.end():], count=1)
-    return line if len(line) <= limit else line[:limit] + "…"
+def _first_line(error: Exception) -> str:
+    return one_line(error)
 
 
 def load(model: onnx.ModelProto, threads: int | None = None, **options) -> OrtSession:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from optimizer.data import graph_inputs
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, one_line
 
 
 def load_data(value, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -48,11 +48,11 @@ def activation_ranges(
             elem_type = types.get(name, onnx.TensorProto.FLOAT)
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise RuntimeFailure(f"runtime reram: onnxruntime cannot load the model for calibration: {e}") from e
+        raise RuntimeFailure(f"runtime reram: onnxruntime cannot load the model for calibration: {one_line(e)}") from e
     fetch = [n for n in names if n not in feeds]
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}

@@ -178,7 +178,7 @@ class Segment:
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version,
                                        functions=self.model.functions)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: errors arrive as exceptions
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
