@@ -8,6 +8,7 @@ Without --debug a failure is one line on stderr; with --debug the traceback foll
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import click
 
 from optimizer.errors import SculptError, UsageError
+
+DEFAULT_GATE_MIN = 1.1
 
 
 class DefaultToApply(click.Group):
@@ -81,6 +84,10 @@ def _write_json(path: str | None, payload: dict) -> None:
 @click.option("--batch", type=POSITIVE, default=1, show_default=True,
               help="batch for MACs; random verification inputs use at least 32 samples")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="write the structured-sparse plan as JSON")
+@click.option("--gate", type=click.Choice(["ort", "tvm"]), help="measure the speedup on this runtime (fixed threads)")
+@click.option("--gate-min", type=float, default=None,
+              help="least speedup a pass that claims one must deliver, else exit 1 [1.1]; 0: only report")
+@click.option("--gate-threads", type=POSITIVE, default=1, show_default=True, help="threads for the --gate measurement")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
               help="quality floor for approximate passes: output cosine against the previous model")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
@@ -90,7 +97,7 @@ def _write_json(path: str | None, payload: dict) -> None:
               help="treat graph inputs that have a default (initializer) as constants instead of inputs")
 @_debug_option
 def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, plan_out,
-              min_cosine, min_agreement, strict, freeze_inputs, debug):
+              gate, gate_min, gate_threads, min_cosine, min_agreement, strict, freeze_inputs, debug):
     """Run passes on MODEL and write the result to OUT."""
     from optimizer.console import print_pipeline_report, progress_printer
     from optimizer.data import load_npz
@@ -109,10 +116,11 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
     pass_objects = [build_pass(spec) for spec in specs]
     if plan_out:
-        planners = [p for p in pass_objects if p.name == "structured-sparse"]
+        planners = [i for i, p in enumerate(pass_objects) if p.name == "structured-sparse"]
         if len(planners) != 1:
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
-        planners[0].options.plan_out = plan_out
+        planner = pass_objects[planners[0]]
+        pass_objects[planners[0]] = type(planner)(dataclasses.replace(planner.options, plan_out=plan_out))
     output = output_model_path(output, model)
     pass_files = [(f"{p.name}:{name}", path, kind) for p in pass_objects for name, kind, path in file_options(p)]
     _check_paths(
@@ -137,6 +145,9 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         tolerance=tolerance if tolerance is not None else settings.get("tolerance", 1e-4),
         seed=seed if seed is not None else settings.get("seed", 0),
         batch=batch,
+        gate=gate,
+        gate_min=_gate_min(gate, gate_min),
+        gate_threads=gate_threads,
         on_pass=progress_printer(),
         floor=QualityFloor(min_cosine=min_cosine, min_agreement=min_agreement),
         strict=strict,
@@ -148,6 +159,12 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     _write_json(report, pipeline_report)
     print_pipeline_report(pipeline_report)
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _gate_min(gate: str | None, gate_min: float | None) -> float | None:
+    if gate_min is not None and gate is None:
+        raise UsageError("--gate-min needs --gate ort or --gate tvm")
+    return (DEFAULT_GATE_MIN if gate_min is None else gate_min) if gate else None
 
 
 @cli.command("passes")

@@ -1,10 +1,10 @@
-"""The pass manager: parse pass specs, run passes in order, check and verify after every one, collect the report."""
+"""The pass manager: parse pass specs, run passes in order with instruments around each one, collect the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,15 +14,15 @@ import onnx
 import yaml
 
 from optimizer.data import LABELS, random_inputs, split_labels
-from optimizer.errors import PassError, QualityError, SculptError, UsageError, VerificationError
-from optimizer.model import check_model, infer_shapes, load_model
+from optimizer.errors import PassError, SculptError, UsageError
+from optimizer.instruments import MIN_RANDOM_SAMPLES, Instrument, RunState, default_instruments
+from optimizer.io_json import write_bytes
+from optimizer.model import load_model
 from optimizer.overridable import default_feeds, detach, freeze, reattach
 from optimizer.report import model_stats
-from optimizer.verify import QualityFloor, compare, run_ort
-from passes import Pass, PassContext, get_pass
+from optimizer.verify import QualityFloor
+from passes import Artifact, Pass, PassContext, PassResult, get_pass
 
-VERIFY_SAMPLES = 256
-MIN_RANDOM_SAMPLES = 32  # without calibration data: enough that top-1 agreement is not just 0 or 1
 # a comma starts a new option only when `key=` follows, so regex values (exclude=a,b) keep their commas
 _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")
 
@@ -42,7 +42,7 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
             if not eq or not key.strip():
                 raise UsageError(f"--pass {spec!r}: expected key=value, got {item!r}")
             key = key.strip()
-            if key in options or key.replace("-", "_") in {k.replace("-", "_") for k in options}:
+            if key.replace("-", "_") in {k.replace("-", "_") for k in options}:
                 raise UsageError(f"--pass {spec!r}: option {key!r} is given twice; give each option once")
             options[key] = value.strip()
     return name, options
@@ -94,44 +94,52 @@ def load_recipe(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], dict]:
     return passes, settings
 
 
-def _verify_feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    feeds, _ = split_labels(data)
-    return {k: v[:VERIFY_SAMPLES] if np.ndim(v) else v for k, v in feeds.items()}
-
-
-def _sample_count(feeds: dict[str, np.ndarray]) -> int:
-    return max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
-
-
-def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+def write_artifacts(artifacts: Iterable[Artifact]) -> list[dict]:
+    """Write each artifact atomically to its path; returns [{"what", "path"}] for the report."""
+    written = []
+    for artifact in artifacts:
+        write_bytes(artifact.path, artifact.content)
+        written.append({"what": artifact.what, "path": artifact.path})
+    return written
 
 
 def optimize(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     passes: Iterable[PassSpec],
+    *,
     calibration: dict[str, np.ndarray] | None = None,
     evaluation: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     seed: int = 0,
     batch: int = 1,
+    gate: str | None = None,
+    gate_min: float | None = None,
+    gate_threads: int = 1,
+    instruments: list[Instrument] | None = None,
     on_pass: Callable[[str, int, int], None] | None = None,
-    *,
     floor: QualityFloor | None = None,
     strict: bool = False,
     freeze_inputs: bool = False,
 ) -> tuple[onnx.ModelProto, dict]:
     """Run `passes` in order on a copy of the model and return (model, report).
 
-    After every pass: the full ONNX checker, strict shape inference, and a comparison of the new model's
-    outputs with the previous model's on the calibration inputs (without them, seeded random inputs: at least
-    MIN_RANDOM_SAMPLES where the batch axis is open; the report's "verification" entry says which). NaN/Inf in
-    either model's outputs fail the run (VerificationError). A pass whose contract is `exact` fails the run when
-    the outputs move by more than `tolerance` relative to the output scale (max |Δ| / max |reference|); an
-    `approximate` pass below `floor` (cosine, top-1 agreement) is a warning, or with `strict` a QualityError.
-    Overridable initializers (graph inputs with a default) stay inputs through every pass unless
-    `freeze_inputs` makes them constants first.
+    Around every pass run the instruments (optimizer/instruments.py); by default: Timer, the full ONNX Checker,
+    strict ShapeInference, Verify (the new model's outputs against the previous model's on the calibration
+    inputs, seeded random inputs when none are given; an `exact` pass that moves them by more than `tolerance`
+    relative to the output scale fails the run), Eval (top-1 before and after, when `evaluation` has labels), and
+    with `gate="ort"|"tvm"` a SpeedGate that measures the speedup (failing below `gate_min`). Without
+    calibration data the inputs are seeded random ones, at least MIN_RANDOM_SAMPLES where the batch axis is open.
+    Verify fails on NaN/Inf in either model's outputs, and an `approximate` pass below `floor` (cosine, top-1
+    agreement) is a warning, with `strict` a QualityError.
+
+    Overridable initializers (graph inputs with a same-name initializer, a default the caller may replace) stay
+    graph inputs through every pass (optimizer/overridable.py), unless `freeze_inputs` makes them constants first.
+
+    The passes' artifacts (keys, plans, plots) are written only after every pass and instrument has passed; a run
+    that fails writes none of them.
+
+        model, report = optimize("model.onnx", ["cleanup", "structured-sparse:ratio=0.5"], gate="ort")
+        report["gate"]["ratio"]      # before / after latency on ONNX Runtime
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -141,16 +149,13 @@ def optimize(
     pass_objects = [build_pass(spec) for spec in passes]
     if not pass_objects:
         raise UsageError("no passes given; use --pass NAME (see `optimize passes`)")
-    if not tolerance >= 0:
-        raise UsageError(f"--tolerance {tolerance}: must be a non-negative number")
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
-    floor = floor or QualityFloor()
-    # the check every pass's output must pass: a model failing it already is bad input (exit 2), not a pass failure
-    check_model(model, "the input model", full=True)
+    if instruments is None:
+        instruments = default_instruments(tolerance=tolerance, gate=gate, gate_min=gate_min, threads=gate_threads,
+                                          batch=batch, floor=floor, strict=strict)
     if freeze_inputs:
         model = freeze(model)
-
     random_batch = max(batch, MIN_RANDOM_SAMPLES)
     ctx = PassContext(
         calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, random_batch,
@@ -159,97 +164,60 @@ def optimize(
         evaluation=evaluation,
         seed=seed,
     )
-    verify_feeds = _verify_feeds(ctx.calibration)
-    reference = run_ort(model, verify_feeds)
-    _check_reference(reference)
-    samples = _sample_count(verify_feeds)
-    report: dict[str, Any] = {"input": model_stats(model, batch), "passes": [], "verification": {
-        "inputs": "calibration data" if calibration is not None else f"seeded random N(0,1) inputs (seed {seed})",
-        "samples": samples}}
-    if samples < MIN_RANDOM_SAMPLES:
-        ctx.warn(f"verification compares only {samples} sample(s) (fewer than {MIN_RANDOM_SAMPLES}): cosine and "
-                 "top-1 agreement are coarse; give more --calibration samples")
-    labels = evaluation.get(LABELS) if evaluation is not None else None
-    eval_feeds = split_labels(evaluation)[0] if evaluation is not None else None
-    if labels is not None:
-        report["eval"] = {"metric": "top1", "input": _accuracy(run_ort(model, eval_feeds), labels)}
-
+    state = RunState(model, ctx, {"input": model_stats(model, batch), "passes": []})
+    for instrument in instruments:
+        instrument.before_run(state)
+    artifacts: list[Artifact] = []
     for index, pass_ in enumerate(pass_objects):
         if on_pass is not None:
             on_pass(pass_.name, index, len(pass_objects))
-        contract = pass_.contract_for_options()
-        started = time.perf_counter()
-        detached, defaults = detach(model)
-        user_calibration = ctx.calibration
-        ctx.calibration = {**default_feeds(defaults), **user_calibration}
-        try:
-            new_model, details = pass_.run(detached, ctx)
-        except SculptError:
-            raise
-        except Exception as e:
-            raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
-        finally:
-            ctx.calibration = user_calibration
-        new_model = reattach(new_model, defaults)
-        seconds = time.perf_counter() - started
-        check_model(new_model, f"output of pass {pass_.name}", full=True, error=PassError)
-        infer_shapes(new_model, strict=True, error=PassError)
-        verify_feeds = pass_.map_inputs(verify_feeds)
-        ctx.calibration = pass_.map_inputs(ctx.calibration)
-        if eval_feeds is not None:
-            eval_feeds = pass_.map_inputs(eval_feeds)
-            ctx.evaluation = {**eval_feeds, LABELS: labels} if labels is not None else eval_feeds
-        outputs = run_ort(new_model, verify_feeds)
-        verify = compare(reference, outputs)
-        entry = {
-            "name": pass_.name,
-            "options": _plain_options(pass_),
-            "contract": contract,
-            "seconds": round(seconds, 4),
-            "verify": verify,
-            "details": details,
-        }
-        report["passes"].append(entry)
-        _judge(pass_.name, contract, verify, tolerance, floor, strict, ctx)
-        model, reference = new_model, outputs
-
-    report["output"] = model_stats(model, batch)
-    if labels is not None:
-        report["eval"]["output"] = _accuracy(run_ort(model, eval_feeds), labels)
+        result = _run_pass(pass_, state, instruments)
+        artifacts.extend(result.artifacts)
+        _map_context(ctx, pass_, result)
+        state.model = result.model
+    state.report["output"] = model_stats(state.model, batch)
+    for instrument in instruments:
+        instrument.after_run(state)
     if ctx.warnings:
-        report["warnings"] = list(ctx.warnings)
-    return model, report
+        state.report["warnings"] = list(ctx.warnings)
+    if artifacts:
+        state.report["artifacts"] = write_artifacts(artifacts)
+    return state.model, state.report
 
 
-def _check_reference(reference: dict[str, np.ndarray]) -> None:
-    """The input model's own outputs must be finite, or no comparison against them means anything."""
-    verdict = compare(reference, reference)
-    if "failure" in verdict:
-        raise VerificationError(f"input model: {verdict['failure']}; check the model and the --calibration data")
+def _run_pass(pass_: Pass, state: RunState, instruments: list[Instrument]) -> PassResult:
+    state.entry = {"name": pass_.name, "options": _plain_options(pass_), "contract": pass_.contract_for_options()}
+    for instrument in instruments:
+        instrument.before_pass(state, pass_)
+    detached, defaults = detach(state.model)
+    calibration = state.ctx.calibration
+    state.ctx.calibration = {**default_feeds(defaults), **calibration}  # a pass may run the detached model
+    try:
+        result = pass_.run(detached, state.ctx)
+    except SculptError:
+        raise
+    except Exception as e:
+        raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
+    finally:
+        state.ctx.calibration = calibration
+    if not isinstance(result, PassResult):
+        raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+    result = dataclasses.replace(result, model=reattach(result.model, defaults))
+    state.report["passes"].append(state.entry)
+    for instrument in instruments:
+        instrument.after_pass(state, pass_, result)
+    state.entry["details"] = result.report
+    return result
 
 
-def _judge(name: str, contract: str, verify: dict, tolerance: float, floor: QualityFloor, strict: bool,
-           ctx: PassContext) -> None:
-    """Fail the run (VerificationError) or warn, from one pass's verification figures."""
-    if "failure" in verify:
-        raise VerificationError(f"pass {name}: {verify['failure']}; nothing was written")
-    if contract == "exact":
-        if not verify["max_rel_err"] <= tolerance:
-            raise VerificationError(
-                f"pass {name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
-                f"> tolerance {tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
-            )
-        return
-    shortfall = floor.shortfall(verify)
-    if shortfall is None:
-        return
-    if strict:
-        raise QualityError(f"pass {name} fell below the quality floor ({shortfall}); --strict: nothing was written")
-    ctx.warn(f"pass {name} fell below the quality floor ({shortfall}); the output may be broken "
-             "(--strict fails the run instead; --min-cosine/--min-agreement set the floor)")
+def _map_context(ctx: PassContext, pass_: Pass, result: PassResult) -> None:
+    """The calibration and evaluation inputs of the new model (labels unchanged)."""
+    ctx.calibration = pass_.map_inputs(result, ctx.calibration)
+    if ctx.evaluation is not None:
+        feeds, labels = split_labels(ctx.evaluation)
+        feeds = pass_.map_inputs(result, feeds)
+        ctx.evaluation = {**feeds, LABELS: labels} if labels is not None else feeds
 
 
 def _plain_options(pass_: Pass) -> dict:
-    import dataclasses
-
     return {k: v for k, v in dataclasses.asdict(pass_.options).items()}

@@ -66,6 +66,7 @@ def _write_fails(monkeypatch):
 
 
 def _exact_pass_changes_outputs(monkeypatch):
+    from passes import PassResult
     from passes.cleanup import Cleanup
 
     def scale(self, model, ctx):
@@ -73,7 +74,7 @@ def _exact_pass_changes_outputs(monkeypatch):
         out.CopyFrom(model)
         w = numpy_helper.to_array(out.graph.initializer[0]) * 2
         out.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
-        return out, {}
+        return PassResult(out, {})
 
     monkeypatch.setattr(Cleanup, "run", scale)
 

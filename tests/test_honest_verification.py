@@ -84,6 +84,7 @@ def test_two_dimensional_labels_are_refused_with_the_fix(work, capsys):
 
 
 def test_pass_producing_nan_fails_verification(work, capsys, monkeypatch):
+    from passes import PassResult
     from passes.cleanup import Cleanup
 
     def poison(self, model, ctx):
@@ -92,7 +93,7 @@ def test_pass_producing_nan_fails_verification(work, capsys, monkeypatch):
         w = numpy_helper.to_array(broken.graph.initializer[1]).copy()
         w[0, 0] = np.nan
         broken.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w2"))
-        return broken, {}
+        return PassResult(broken, {})
 
     monkeypatch.setattr(Cleanup, "run", poison)
     assert main(["m.onnx", "--pass", "cleanup", "-o", "o.onnx", "--calibration", "cal.npz"]) == 1
