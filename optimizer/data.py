@@ -51,12 +51,36 @@ def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
     feeds = {}
     for value in graph_inputs(model):
         shape, dtype = input_spec(value, batch)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, min(np.iinfo(dtype).max, 100), size=shape).astype(dtype)
+        feeds[value.name] = _random_array(rng, shape, dtype)
+    return feeds
+
+
+def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    return rng.integers(0, min(np.iinfo(dtype).max, 100), size=shape).astype(dtype)
+
+
+def random_samples(model: onnx.ModelProto, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`random_inputs` with at least `count` samples, also for a model whose batch axis is fixed: its batched
+    inputs get `count` rows (sessions feed them in chunks of the fixed batch, `feed_in_chunks`).
+
+        >>> random_samples(model, 32)["x"].shape      # model input x: float[1, 8]
+        (32, 8)
+    """
+    inputs = graph_inputs(model)
+    batch = fixed_batch(inputs)
+    feeds = random_inputs(model, count, seed)
+    if batch is None or batch >= count:
+        return feeds
+    rng = np.random.default_rng([seed, count])
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 1 and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            shape = feeds[value.name].shape
+            feeds[value.name] = _random_array(rng, (count, *shape[1:]), feeds[value.name].dtype)
     return feeds
 
 

@@ -110,7 +110,8 @@ class Verify(Instrument):
         if "failure" in verdict:
             raise VerificationError(f"input model: {verdict['failure']}; check the model and the calibration data")
         count = max((len(v) for v in self.feeds.values() if np.ndim(v)), default=1)
-        source = "seeded random N(0,1) inputs" if state.ctx.calibration_is_random else "calibration data"
+        source = (f"seeded random N(0,1) inputs (seed {state.ctx.seed})" if state.ctx.calibration_is_random
+                  else "calibration data")
         state.report["verification"] = {"inputs": source, "samples": count}
         if count < MIN_RANDOM_SAMPLES:
             state.ctx.warn(f"verification compares only {count} sample(s) (fewer than {MIN_RANDOM_SAMPLES}): cosine "

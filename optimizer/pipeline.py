@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import yaml
 
-from optimizer.data import LABELS, random_inputs, split_labels
+from optimizer.data import LABELS, random_samples, split_labels
 from optimizer.errors import PassError, SculptError, UsageError
 from optimizer.instruments import MIN_RANDOM_SAMPLES, Instrument, RunState, default_instruments
 from optimizer.io_json import write_bytes
@@ -158,8 +158,8 @@ def optimize(
         model = freeze(model)
     random_batch = max(batch, MIN_RANDOM_SAMPLES)
     ctx = PassContext(
-        calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, random_batch,
-                                                                                               seed),
+        calibration=split_labels(calibration)[0] if calibration is not None else random_samples(model, random_batch,
+                                                                                                 seed),
         calibration_is_random=calibration is None,
         evaluation=evaluation,
         seed=seed,
