@@ -84,6 +84,7 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
         raise error(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
     except (UnicodeDecodeError, ValueError, TypeError, RuntimeError) as e:  # corrupt strings, bad enum values
         raise error(f"{where}: fails the ONNX checker ({type(e).__name__}: {_first_line(e)})") from e
+    _check_text(model.graph, where, error)
     known = set(onnx.TensorProto.DataType.values())
     for value in [*model.graph.input, *model.graph.output]:
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
@@ -93,6 +94,26 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
     if default_opset(model) > newest:
         raise error(f"{where}: opset {default_opset(model)} is newer than the newest this onnx supports ({newest}); "
                     f"re-export with opset <= {newest}")
+
+
+def _check_text(graph: onnx.GraphProto, where: str, error: type[SculptError]) -> None:
+    """Names must be text: protobuf hands back bytes for a string field that is not valid UTF-8 (a corrupt file),
+    which the checker lets through and every later step trips over."""
+    named = [*graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    for index, item in enumerate(named):
+        if isinstance(item.name, bytes):
+            raise error(f"{where}: tensor #{index} of graph {graph.name!r} has a name that is not valid UTF-8 "
+                        "(corrupt file?)")
+    for index, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output]
+        if any(isinstance(f, bytes) for f in fields):
+            raise error(f"{where}: node #{index} has a name, op type or tensor name that is not valid UTF-8 "
+                        "(corrupt file?)")
+        for attribute in node.attribute:
+            if isinstance(attribute.name, bytes):
+                raise error(f"{where}: node #{index} has an attribute name that is not valid UTF-8 (corrupt file?)")
+            for sub in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
+                _check_text(sub, where, error)
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = True,

@@ -182,6 +182,14 @@ def bad_attribute(model, rng):
     return _bytes(model)
 
 
+def invalid_utf8(model, rng):
+    """A name whose bytes are not UTF-8 (protobuf parses it; Python sees bytes, not str)."""
+    node = model.graph.node[int(rng.integers(len(model.graph.node)))]
+    node.name = "Q" * 6
+    data = _bytes(model)
+    return data.replace(b"Q" * 6, bytes([0xFF, 0xFE]) + rng.integers(128, 256, 4).astype(np.uint8).tobytes(), 1)
+
+
 def no_mutation(model, rng):
     return _bytes(model)
 
@@ -189,7 +197,7 @@ def no_mutation(model, rng):
 MUTATIONS = {f.__name__: f for f in (
     flip_bytes, truncate, insert_bytes, delete_initializer, wrong_dims, wrong_input_shape, cycle, dangling_name,
     duplicate_output, duplicate_graph_output, unknown_op, custom_domain, overridable_initializer, odd_opset,
-    wrong_elem_type, drop_outputs, bad_attribute, no_mutation)}
+    wrong_elem_type, drop_outputs, bad_attribute, invalid_utf8, no_mutation)}
 
 
 # --- one case ----------------------------------------------------------------------------------------------------
