@@ -447,6 +447,15 @@ def compare_cmd(model_a, model_b, calibration, batch, seed, debug):
     print_compare(result)
 
 
+def printable(text: str) -> str:
+    """One line whatever a model's names hold: control characters (newlines, record separators) become escapes.
+
+        >>> printable("input 'b\\x1e'")
+        "input 'b\\\\x1e'"
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -470,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except SculptError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e))}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -478,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        click.echo(f"error: internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for the "
+                   "traceback)", err=True)
         return 1
     return 0
 

@@ -7,9 +7,11 @@ import dataclasses
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=False, width=140)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # a warning stays one line
+# markup off: node and tensor names come from the model, and a name such as "[/x]" must print, not crash rich
+console = Console(highlight=False, soft_wrap=False, width=140, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # a warning stays one line
 
 
 def _num(value, fmt: str = ",") -> str:
@@ -22,7 +24,7 @@ def _num(value, fmt: str = ",") -> str:
 
 def progress_printer():
     def on_pass(name: str, index: int, total: int) -> None:
-        err_console.print(f"[dim][{index + 1}/{total}] running {name}…[/dim]")
+        err_console.print(f"[{index + 1}/{total}] running {name}…", style="dim")
 
     return on_pass
 
@@ -40,7 +42,7 @@ def print_pipeline_report(report: dict) -> None:
     for entry in report["passes"]:
         summary = _scalar_details(entry["details"])
         if summary:
-            console.print(f"[bold]{entry['name']}[/bold]: {summary}")
+            console.print(Text.assemble((entry["name"], "bold"), f": {summary}"))
         if isinstance(entry["details"].get("groups"), list):
             print_groups(entry["name"], entry["details"]["groups"])
     stats = Table(title="model", title_justify="left")
@@ -61,7 +63,7 @@ def print_pipeline_report(report: dict) -> None:
     if "gate" in report:
         console.print(gate_line(report["gate"]))
     for warning in report.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {warning}"))
 
 
 GROUP_ROWS = 20  # longer group tables are folded: the rows that changed or declined first, then a count
@@ -86,7 +88,7 @@ def print_groups(pass_name: str, groups: list[dict], limit: int = GROUP_ROWS) ->
     console.print(table)
     if len(groups) > len(shown):
         rest = groups_by_status(groups, exclude=shown)
-        console.print(f"[dim]… and {len(groups) - len(shown)} more groups ({rest}); --report has all of them[/dim]")
+        console.print(f"… and {len(groups) - len(shown)} more groups ({rest}); --report has all of them", style="dim")
 
 
 def groups_by_status(groups: list[dict], exclude: list[dict] = ()) -> str:
@@ -126,10 +128,10 @@ def print_runtime_summary(runtime: str, described: dict) -> None:
                           f"{row['latency_ns'] / 1e3:.4g}", f"{row['saturation_rate']:.3%}")
         console.print(table)
         if len(layers) > GROUP_ROWS:
-            console.print(f"[dim]… and {len(layers) - GROUP_ROWS} more layers; --report has all of them[/dim]")
+            console.print(f"… and {len(layers) - GROUP_ROWS} more layers; --report has all of them", style="dim")
     declined = described.get("digital", {}).get("declined", [])
     for d in declined[:5]:
-        console.print(f"[dim]digital (not on crossbars): {d['node']} ({d['op']}): {d['reason']}[/dim]")
+        console.print(f"digital (not on crossbars): {d['node']} ({d['op']}): {d['reason']}", style="dim")
 
 
 def gate_line(gate: dict) -> str:
@@ -202,11 +204,11 @@ def print_bench(results: dict) -> None:
         table.add_row(r["model"], r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
                       f"{r['rss_delta_mb']:.1f}", f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}x" if r["ratio"] else "-")
     console.print(table)
-    console.print("[dim]time ratio = median / first working row's median; speedup = its inverse; "
-                  f"load RSS +MB = {results.get('memory', 'memory')}[/dim]")
+    console.print("time ratio = median / first working row's median; speedup = its inverse; "
+                  f"load RSS +MB = {results.get('memory', 'memory')}", style="dim")
     for r in rows:
         if "error" in r:
-            err_console.print(f"[red]failed:[/red] {r['model']} on {r['runtime']}: {r['error']}")
+            err_console.print(Text.assemble(("failed:", "red"), f" {r['model']} on {r['runtime']}: {r['error']}"))
 
 
 def print_compare(result: dict) -> None:

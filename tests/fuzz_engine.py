@@ -190,6 +190,13 @@ def invalid_utf8(model, rng):
     return data.replace(b"Q" * 6, bytes([0xFF, 0xFE]) + rng.integers(128, 256, 4).astype(np.uint8).tobytes(), 1)
 
 
+def markup_names(model, rng):
+    """Names that rich would read as markup or that hold control characters."""
+    for node, name in zip(model.graph.node, ["[/x]", "[bold]n", "a\nb", "t\x1e"], strict=False):
+        node.name = name
+    return _bytes(model)
+
+
 def no_mutation(model, rng):
     return _bytes(model)
 
@@ -197,7 +204,8 @@ def no_mutation(model, rng):
 MUTATIONS = {f.__name__: f for f in (
     flip_bytes, truncate, insert_bytes, delete_initializer, wrong_dims, wrong_input_shape, cycle, dangling_name,
     duplicate_output, duplicate_graph_output, unknown_op, custom_domain, overridable_initializer, odd_opset,
-    wrong_elem_type, drop_outputs, bad_attribute, invalid_utf8, no_mutation)}
+    wrong_elem_type, drop_outputs, bad_attribute, invalid_utf8, markup_names,
+    no_mutation)}
 
 
 # --- one case ----------------------------------------------------------------------------------------------------
