@@ -64,16 +64,20 @@ def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
 
 
 def random_samples(model: onnx.ModelProto, count: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """`random_inputs` with at least `count` samples, also for a model whose batch axis is fixed: its batched
-    inputs get `count` rows (sessions feed them in chunks of the fixed batch, `feed_in_chunks`).
+    """`random_inputs` with at least `count` samples, also for a model exported with a fixed batch of 1 whose
+    outputs all declare a batch of 1 on axis 0: its batched inputs get `count` rows (sessions feed them one at a
+    time, `feed_in_chunks`). Other fixed shapes (a sequence-first [5, 2, 8]) are left as they are.
 
-        >>> random_samples(model, 32)["x"].shape      # model input x: float[1, 8]
+        >>> random_samples(model, 32)["x"].shape      # model input x: float[1, 8], output y: float[1, 10]
         (32, 8)
     """
     inputs = graph_inputs(model)
     batch = fixed_batch(inputs)
     feeds = random_inputs(model, count, seed)
-    if batch is None or batch >= count:
+    outputs_batch_first = all(
+        len(o.type.tensor_type.shape.dim) >= 1 and o.type.tensor_type.shape.dim[0].dim_value == 1
+        for o in model.graph.output)
+    if batch != 1 or not outputs_batch_first:
         return feeds
     rng = np.random.default_rng([seed, count])
     for value in inputs:
