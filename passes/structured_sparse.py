@@ -21,6 +21,7 @@ from optimizer.io_json import to_json
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
+from passes.graph.edit import GraphEdit
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, batchnorm_scales, summary, unit_scores
 from passes.graph.ir import with_shapes
@@ -43,12 +44,9 @@ def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     weights = {t.name for t in model.graph.initializer}
     if not any(value.name in weights for value in model.graph.input):
         return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [value for value in copy.graph.input if value.name not in weights]
-    del copy.graph.input[:]
-    copy.graph.input.extend(kept)
-    return copy
+    edit = GraphEdit(model)
+    edit.graph.inputs = [tensor for tensor in edit.graph.inputs if tensor.name not in weights]
+    return edit.to_model()
 
 
 def prepare(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
