@@ -117,8 +117,9 @@ def optimize(
     `tolerance` relative to the output scale (max |Δ| / max |reference|).
     """
     if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
+        from optimizer.normalize import normalize
+
+        model = normalize(model_or_path)[0]
     else:
         model = load_model(model_or_path)
     pass_objects = [build_pass(spec) for spec in passes]
@@ -135,7 +136,9 @@ def optimize(
     )
     verify_feeds = _verify_feeds(ctx.calibration)
     reference = run_ort(model, verify_feeds)
-    report: dict[str, Any] = {"input": model_stats(model, batch), "passes": []}
+    # open dims take the user's data sizes (random inputs' sizes are made up: those figures say "unknown")
+    shapes = {} if calibration is None else {k: v.shape for k, v in ctx.calibration.items()}
+    report: dict[str, Any] = {"input": model_stats(model, batch, input_shapes=shapes), "passes": []}
     labels = evaluation.get(LABELS) if evaluation is not None else None
     eval_feeds = split_labels(evaluation)[0] if evaluation is not None else None
     if labels is not None:
@@ -178,7 +181,8 @@ def optimize(
             )
         model, reference = new_model, outputs
 
-    report["output"] = model_stats(model, batch)
+    report["output"] = model_stats(model, batch, input_shapes={k: v.shape for k, v in ctx.calibration.items()}
+                                   if calibration is not None else {})
     if labels is not None:
         report["eval"]["output"] = _accuracy(run_ort(model, eval_feeds), labels)
     if ctx.warnings:
