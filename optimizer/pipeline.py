@@ -91,7 +91,7 @@ def load_recipe(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], dict]:
 
 def _verify_feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     feeds, _ = split_labels(data)
-    return {k: v[:VERIFY_SAMPLES] for k, v in feeds.items()}
+    return {k: v[:VERIFY_SAMPLES] if np.ndim(v) else v for k, v in feeds.items()}  # scalars (a sample rate) whole
 
 
 def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:

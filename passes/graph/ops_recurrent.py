@@ -62,7 +62,7 @@ class RecurrentHandler(Handler):
         for tensor, axis in others:
             state.set_space(node, tensor, space.moved(axis), role="produces")
         loose = [i for i in (*self.states, _P) if state.view.has_input(node, i)
-                 and state.view.input_constant(node, i) is None]
+                 and state.view.input_constant(node, i) is None and not _zero_fill(state.view, node, i)]
         if loose:
             name = node.inputs[loose[0]].name
             state.block(space.ids, Reason(node.name, node.op, f"its initial state or peephole input {name!r} is not "
@@ -78,7 +78,7 @@ class RecurrentHandler(Handler):
             silent &= ~np.any(biases != 0, axis=(0, 1))
         for index in self.states:
             initial = state.view.input_constant(node, index)
-            if state.view.has_input(node, index):
+            if state.view.has_input(node, index) and not _zero_fill(state.view, node, index):
                 silent &= initial is not None and ~np.any(np.asarray(initial) != 0, axis=(0, 1))
         return silent
 
@@ -104,7 +104,9 @@ class RecurrentHandler(Handler):
             r = _keep_units(r, keep_out, self.gates)[:, :, keep_out]
             node.attrs["hidden_size"] = int(keep_out.sum())
             for index in self.states:
-                if view.has_input(node, index):
+                if view.has_input(node, index) and _zero_fill(view, node, index):
+                    node.inputs[index] = gs.Variable.empty()  # an absent initial state is zero, of any size
+                elif view.has_input(node, index):
                     view.replace_constant(node, index, view.input_constant(node, index)[:, :, keep_out])
             if view.has_input(node, _P):
                 view.replace_constant(node, _P, _keep_units(view.input_constant(node, _P), keep_out, 3))
@@ -114,6 +116,16 @@ class RecurrentHandler(Handler):
         view.replace_constant(node, _R, r)
         if has_b or folded:
             _set_input(view, node, _B, b, "B")
+
+
+def _zero_fill(view, node: gs.Node, index: int) -> bool:
+    """Whether input `index` is a zero tensor of computed shape (torch exports the initial state of an RNN as
+    ConstantOfShape(Concat(D, batch, H)) of 0): exactly what an absent initial state means."""
+    producer = view.producer(node.inputs[index])
+    if producer is None or producer.op != "ConstantOfShape":
+        return False
+    value = producer.attrs.get("value")
+    return value is None or not np.any(np.asarray(value.values) != 0)
 
 
 def _unit_rows(weight: np.ndarray, gates: int, hidden: int) -> np.ndarray:
