@@ -34,7 +34,7 @@ from onnx import TensorProto, numpy_helper
 
 from optimizer import quant
 from optimizer.errors import UsageError
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
 
@@ -75,7 +75,7 @@ class Quantize(Pass):
             raise UsageError(f"pass quantize: option percentile={o.percentile} must be in (50, 100]")
         compile_regex(self.name, "exclude", o.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from optimizer.model import upgrade_opset
 
         original = model
@@ -108,7 +108,7 @@ class Quantize(Pass):
         if ctx.evaluation is not None and "labels" in ctx.evaluation:
             details["accuracy"] = _accuracies(original, model, ctx.evaluation)
         ctx.report_progress("quantize: done", 1.0)
-        return model, details
+        return PassResult(model, details)
 
     def _calibration_feeds(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
         from optimizer.data import graph_inputs, random_inputs
