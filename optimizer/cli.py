@@ -130,7 +130,8 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         writes=[("-o", output), ("the external data of -o", f"{output}.data" if external_data_files(model) else None),
                 ("--report", report), *[(label, path) for label, path, kind in pass_files if kind == "write"]],
     )
-    source, external = read_model(model)
+    source, external = read_model(model, notes=(notes := []))
+    _echo_notes(notes)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
     if evaluation is not None and "labels" not in evaluation:
@@ -159,6 +160,12 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     _write_json(report, pipeline_report)
     print_pipeline_report(pipeline_report)
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """Load-time normalisation notes (optimizer.normalize), one `note:` line each on stderr."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def _gate_min(gate: str | None, gate_min: float | None) -> float | None:
@@ -191,12 +198,15 @@ def inspect_cmd(model, calibration, batch, report, debug):
 
     _check_paths(models=[("the input model", model)], reads=[("--calibration", calibration)],
                  writes=[("--report", report)])
-    proto = load_model(model)
-    facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
+    proto = load_model(model, notes=(notes := []))
+    _echo_notes(notes)
+    feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"} if calibration else {}
+    shapes = {name: array.shape for name, array in feeds.items()}
+    facts = {"model": str(model), "stats": model_stats(proto, batch, input_shapes=shapes),
+             "layers": layer_rows(proto, batch, input_shapes=shapes)}
     if calibration:
         from optimizer.activation_stats import activation_stats
 
-        feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"}
         facts["activations"] = activation_stats(proto, feeds)
     _write_json(report, facts)
     print_inspect(facts)

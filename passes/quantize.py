@@ -36,7 +36,7 @@ from optimizer import quant
 from optimizer.errors import UsageError
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
-from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
+from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, insert_qdq, output_tensors, plain
 
 ACTIVATION_BITS = 8
 WEIGHT_BITS = range(4, 9)
@@ -96,9 +96,10 @@ class Quantize(Pass):
         ctx.report_progress("quantize: rewriting the graph", 0.8)
         o = self.options
         plan = QdqPlan(sites, weights, activations, outputs, o.bits, o.scale, o.granularity)
-        metadata = write_qdq(model, plan)
+        metadata, float_biases = insert_qdq(model, plan)
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
+        details["float_biases"] = [d.as_report() for d in float_biases]
         _warn_declines(declines, ctx)
         details["calibration"] = {
             "samples": _batch_size(feeds),
@@ -172,7 +173,7 @@ class Quantize(Pass):
             "bits": o.bits,
             "activation_bits": ACTIVATION_BITS,
             "layers": layers,
-            "declined": [vars(d) for d in declines],
+            "declined": [d.as_report() for d in declines],
             "metadata_key": METADATA_KEY,
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),
@@ -181,10 +182,10 @@ class Quantize(Pass):
 
 def _warn_declines(declines: list, ctx: PassContext) -> None:
     """One line for the nodes left in float that the user did not exclude (the report lists every one)."""
-    left = [d for d in declines if "exclude option" not in d.reason]
+    left = [d for d in declines if d.code != "excluded"]
     if left:
         more = f" and {len(left) - 1} more" if len(left) > 1 else ""
-        ctx.warn(f"quantize: {left[0].op} {left[0].node!r} stays float ({left[0].reason}){more}; "
+        ctx.warn(f"quantize: {left[0].op} {left[0].node!r} stays float ({left[0].why}){more}; "
                  "see 'declined' in the report")
 
 
