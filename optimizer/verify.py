@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from optimizer.data import split_labels
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs, split_labels
 from optimizer.ort_session import ort_session, run_outputs
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    """The model's outputs (name -> array, in output order) on ONNX Runtime's CPU provider."""
-    return run_outputs(ort_session(model, threads), feeds)
+    """The model's outputs (name -> array, in output order) on ONNX Runtime's CPU provider; more samples than a
+    fixed batch are fed in chunks (optimizer.data.feed_in_chunks)."""
+    session = ort_session(model, threads)
+    return feed_in_chunks(lambda part: run_outputs(session, part), feeds, fixed_batch(graph_inputs(model)))
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:

@@ -218,13 +218,9 @@ def _batch_size(feeds: dict[str, np.ndarray]) -> int:
 
 def _chunk(model: onnx.ModelProto) -> int:
     """Rows per ORT call: the model's fixed batch size where it has one, else CALIBRATION_BATCH."""
-    from optimizer.data import graph_inputs
+    from optimizer.data import fixed_batch, graph_inputs
 
-    for value in graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return CALIBRATION_BATCH
+    return fixed_batch(graph_inputs(model)) or CALIBRATION_BATCH
 
 
 def _batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]):

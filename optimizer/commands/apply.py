@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from optimizer.commands.common import debug_option, require_directory, write_report
+from optimizer.commands.common import debug_option, echo_notes, require_directory, write_report
 from optimizer.errors import UsageError
 
 DEFAULT_GATE_MIN = 1.1
@@ -58,7 +58,8 @@ def command(model, pass_specs, recipe, output, calibration, eval_path, tolerance
         raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
     if report:
         require_directory(report, "report")
-    source, external = read_model(model)
+    source, external = read_model(model, notes=(notes := []))
+    echo_notes(notes)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
     if evaluation is not None and "labels" not in evaluation:

@@ -19,6 +19,12 @@ def require_directory(path: str, what: str) -> None:
         raise UsageError(f"{path}: {what} directory {Path(path).parent} does not exist")
 
 
+def echo_notes(notes: list[str]) -> None:
+    """Load-time normalisation notes (optimizer.normalize), one `note:` line each on stderr."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
 def write_report(path: str | None, payload: dict) -> None:
     """Write `payload` as JSON to `path` (atomically) when a path was given."""
     if path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import debug_option, write_report
+from optimizer.commands.common import debug_option, echo_notes, write_report
 
 
 @click.command("inspect")
@@ -20,12 +20,15 @@ def command(model, calibration, batch, report, debug):
     from optimizer.model import load_model
     from optimizer.report import layer_rows, model_stats
 
-    proto = load_model(model)
-    facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
+    proto = load_model(model, notes=(notes := []))
+    echo_notes(notes)
+    feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"} if calibration else {}
+    shapes = {name: array.shape for name, array in feeds.items()}
+    facts = {"model": str(model), "stats": model_stats(proto, batch, input_shapes=shapes),
+             "layers": layer_rows(proto, batch, input_shapes=shapes)}
     if calibration:
         from optimizer.activation_stats import activation_stats
 
-        feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"}
         facts["activations"] = activation_stats(proto, feeds)
     write_report(report, facts)
     print_inspect(facts)
