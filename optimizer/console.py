@@ -85,8 +85,9 @@ def _scalar_details(details: dict) -> str:
 
 
 def print_passes() -> None:
+    from optimizer.options import describe_type
     from passes import all_passes
-    from passes.base import describe_type, option_fields
+    from passes.base import option_fields
 
     for name, cls in all_passes().items():
         table = Table(title=f"{name} ({cls.contract}) — {cls.summary}", title_justify="left", show_edge=False)
