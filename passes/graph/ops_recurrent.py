@@ -66,8 +66,8 @@ class RecurrentHandler(Handler):
                  and state.view.input_constant(node, i) is None and not _zero_fill(state.view, node, i)]
         if loose:
             name = node.inputs[loose[0]].name
-            state.block(space.ids, Decline(node.name, node.op, "runtime-state", f"its initial state or peephole "
-                                           f"input {name!r} is not a constant, so its hidden size cannot be cut"))
+            why = f"its initial state or peephole input {name!r} is not a constant, so its hidden size cannot be cut"
+            state.block(space.ids, Decline(node.name, node.op, "non-constant-state", why))
 
     def _silent_units(self, node: gs.Node, state: ChannelState, w: np.ndarray, r: np.ndarray,
                       b: np.ndarray | None, hidden: int) -> np.ndarray:
