@@ -13,8 +13,8 @@ import pytest
 from optimizer.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUND_FLOOR = ["errors", "model", "data", "quant", "declines", "options", "io_json", "keys", "ort_session", "verify",
-                "timing", "plots", "morph", "report", "activation_stats"]
+GROUND_FLOOR = ["errors", "model", "normalize", "rnn", "data", "quant", "declines", "options", "io_json", "keys",
+                "ort_session", "verify", "timing", "plots", "morph", "report", "activation_stats"]
 ABOVE = ("passes", "runtimes", "torch", "tvm")
 # load-time normalisation is ground floor, so it cannot use passes/graph/edit.py; it still splices a node list
 LOAD_TIME_EDITS = {"optimizer/normalize.py"}
