@@ -12,11 +12,12 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*")
 _CPP_LOCATION = re.compile(r"/?\S+\.(?:h|cc|cpp):\d+\s+.*?\)\s+(?:const\s+)?(?=\S)")
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """A third-party exception's message as one line a user can read: the first line (joined with the next when
-    it ends in a colon), ONNX Runtime's status prefix and C++ source location and signature removed, capped.
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line a user can read (its type name when empty): the first line (joined with
+    the next when it ends in a colon, where onnx's checker names the node), ONNX Runtime's status prefix and C++
+    source location and signature removed, capped at `limit` characters.
 
-        >>> one_line(Exception("[ONNXRuntimeError] : 1 : FAIL : /src/a.h:46 void f(int) Opset 99 is unknown"))
+        >>> first_line(Exception("[ONNXRuntimeError] : 1 : FAIL : /src/a.h:46 void f(int) Opset 99 is unknown"))
         'FAIL: Opset 99 is unknown'
     """
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]

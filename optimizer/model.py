@@ -9,12 +9,14 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference, version_converter
 
-from optimizer.errors import ModelError, SculptError, UsageError, WriteError, one_line
+from optimizer.errors import ModelError, SculptError, UsageError, WriteError, first_line
 
 MIN_OPSET = 13
 # protobuf refuses to serialize a single message over 2 GiB; larger models keep their tensors as external data.
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})  # element types that hold weights (params) and activations
 
 
 def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> onnx.ModelProto:
@@ -133,7 +135,7 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = True,
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:
-    return one_line(error, limit)
+    return first_line(error, limit)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
@@ -155,8 +157,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory) as tmp:
             staged = Path(tmp) / path.name
             if external:
+                detached = onnx.ModelProto()
+                detached.CopyFrom(model)  # onnx rewrites the tensors it moves out as references, in place
                 onnx.save_model(
-                    model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    detached, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD,
                 )
                 _publish_pair(staged, Path(tmp) / data_name, path, directory / data_name, Path(tmp))

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
-from optimizer.errors import one_line
+from optimizer.errors import first_line
 from tests.fuzz_engine import _mlp
 
 
@@ -44,9 +44,9 @@ def test_ort_messages_lose_the_cpp_signature():
            "onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::unordered_map<std::__cxx11::basic_string"
            "<char>, int>&, const onnxruntime::logging::Logger&, bool, const std::string&, int) ONNX Runtime only "
            "*guarantees* support for models stamped with official released onnx opset versions.")
-    assert one_line(Exception(raw)) == ("FAIL: ONNX Runtime only *guarantees* support for models stamped with official "
-                                        "released onnx opset versions.")
-    assert one_line(Exception("Nodes must be sorted, however input 'w' of node:\nname: fc OpType: MatMul")) == (
+    assert first_line(Exception(raw)) == (
+        "FAIL: ONNX Runtime only *guarantees* support for models stamped with official released onnx opset versions.")
+    assert first_line(Exception("Nodes must be sorted, however input 'w' of node:\nname: fc OpType: MatMul")) == (
         "Nodes must be sorted, however input 'w' of node: name: fc OpType: MatMul")
 
 
