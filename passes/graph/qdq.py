@@ -257,6 +257,7 @@ class QdqPlan:
     bits: int
     scale: str
     granularity: str
+    weight_format: str = "int"
 
 
 def write_qdq(model: onnx.ModelProto, plan: QdqPlan) -> dict:
@@ -279,6 +280,7 @@ def write_qdq(model: onnx.ModelProto, plan: QdqPlan) -> dict:
             "node": reader.node.name,
             "float_weight": weight,
             "bits": plan.bits,
+            "format": plan.weight_format,
             "axis": grid.axis,
             "frac_length": None if grid.frac_length is None else plain(grid.frac_length, grid.axis),
         }
