@@ -28,7 +28,7 @@ Toy example, one Conv with W in [-0.3, 0.6], 8 bits, dfp, per tensor, input x in
 
 The model's metadata_props gets "sculpt.quant" (JSON), read by `bit-slice` and the reram runtime:
   {"version": 1, "scale": "dfp"|"affine", "granularity": "tensor"|"channel", "activation_bits": 8,
-   "weights": {INT_INITIALIZER: {"node", "float_weight", "bits", "format": "int"|"sign-magnitude", "axis" (int|null),
+   "weights": {INT_INITIALIZER: {"node", "float_weight", "bits", "axis" (int|null), "format" ("sign-magnitude" only),
                                  "frac_length" (int|[int]|null)}},
    "activations": {TENSOR: {"dtype": "uint8"|"int8", "scale", "zero_point", "frac_length" (int|null)}}}
 """
@@ -92,7 +92,8 @@ class Quantize(Pass):
         compile_regex(self.name, "exclude", o.exclude)
         if o.magnitude_bits is not None:
             if o.magnitude_bits not in MAGNITUDE_BITS:
-                raise UsageError(f"pass quantize: option magnitude_bits={o.magnitude_bits} is not supported; use 2 to 14")
+                raise UsageError(f"pass quantize: option magnitude_bits={o.magnitude_bits} is not supported; "
+                                 "use 2 to 14")
             if o.scale != "dfp":
                 raise UsageError("pass quantize: option magnitude_bits needs scale=dfp (the format's scale is a power "
                                  f"of two), not scale={o.scale}")
@@ -224,8 +225,9 @@ def _opset_for_int16(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return version_converter.convert_version(model, INT16_OPSET)
     except Exception as e:  # the converter raises plain RuntimeError/ValueError for unsupported adapters
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"pass quantize: magnitude_bits needs opset {INT16_OPSET} (int16 DequantizeLinear) and the "
-                         f"model (opset {default_opset(model)}) could not be converted: {str(e).splitlines()[0]}") from e
+                         f"model (opset {default_opset(model)}) could not be converted: {first_line}") from e
 
 
 def _warn_unfolded_batchnorm(model: onnx.ModelProto, sites: list[Site], ctx: PassContext) -> None:

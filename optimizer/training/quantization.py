@@ -125,9 +125,12 @@ class MagnitudeWeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if exporting():
             return w  # export_mode() has put the deployed values in the weight itself
-        step = torch.as_tensor(np.exp2(-np.asarray(self.frac_length(w), dtype=np.float64)), dtype=w.dtype,
-                               device=w.device)
-        values = torch.as_tensor(self.codes(w, deploy=False), dtype=w.dtype, device=w.device) * step
+        fl = np.asarray(self.frac_length(w), dtype=np.float64)
+        up = torch.as_tensor(np.exp2(fl), dtype=w.dtype, device=w.device)
+        down = torch.as_tensor(np.exp2(-fl), dtype=w.dtype, device=w.device)
+        limit = float(1 << self.magnitude_bits)
+        # power-of-two scaling is exact and torch.round rounds half to even like quant.quantize_magnitude
+        values = torch.clamp(torch.round(w.detach() * up), -limit, limit) * down
         return w + (values - w).detach()
 
     def extra_repr(self) -> str:

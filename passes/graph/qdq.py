@@ -280,10 +280,9 @@ def write_qdq(model: onnx.ModelProto, plan: QdqPlan) -> dict:
             "node": reader.node.name,
             "float_weight": weight,
             "bits": plan.bits,
-            "format": plan.weight_format,
             "axis": grid.axis,
             "frac_length": None if grid.frac_length is None else plain(grid.frac_length, grid.axis),
-        }
+        } | ({"format": plan.weight_format} if plan.weight_format != "int" else {})
     outputs = set(plan.layer_outputs.values())
     for tensor, grid in plan.activations.items():
         target = rewrite.after if tensor in outputs else rewrite.before
