@@ -54,7 +54,7 @@ from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_
 from optimizer.data import graph_inputs, random_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import default_opset, metadata_value, set_metadata
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop, top1
 from passes.base import compile_regex
 
@@ -152,7 +152,7 @@ class ActivationPrune(Pass):
         compile_regex(self.name, "include", o.include)
         compile_regex(self.name, "exclude", o.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         opset = default_opset(model)
         if opset < MIN_OPSET:
@@ -196,7 +196,7 @@ class ActivationPrune(Pass):
         if search:
             details["max_drop_search"] = search
         record_metadata(masked, model, sites, o, params)
-        return masked, details
+        return PassResult(masked, details)
 
 
 def model_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:

@@ -52,6 +52,39 @@ class PassContext:
             self.progress(what, fraction)
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A file a pass produces besides the model (a key, a plan, a plot), held as data until the run is verified.
+
+    path: where the user asked for it. what: a few words for messages ("mole key"). content: the file's bytes.
+    The pipeline writes every artifact atomically, and only after every pass has passed verification:
+
+        Artifact("plan.json", "structured-sparse plan", b'{"format": ...}')
+    """
+
+    path: str
+    what: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What `Pass.run` returns: the new model, the pass's report and the files it wants written.
+
+    It unpacks as `(model, report)` for callers that need only those two:
+
+        model, report = pass_.run(model, ctx)
+        artifacts = pass_.run(model, ctx).artifacts
+    """
+
+    model: onnx.ModelProto
+    report: dict
+    artifacts: tuple[Artifact, ...] = ()
+
+    def __iter__(self):
+        return iter((self.model, self.report))
+
+
 class Pass:
     """Base class. Subclasses set `name`, `summary`, `Options` (a dataclass) and `contract`, and implement `run`."""
 
@@ -59,6 +92,7 @@ class Pass:
     summary: ClassVar[str]
     Options: ClassVar[type]
     contract: ClassVar[Contract] = "approximate"
+    speedup: ClassVar[bool] = False  # does the pass promise a faster model (held to it by the speed gate)?
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
@@ -71,12 +105,19 @@ class Pass:
         """The contract under the current options (e.g. structured-sparse is exact only for criterion=zero)."""
         return self.contract
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def claims_speedup(self, result: PassResult) -> bool:
+        """Whether this run promises a faster model; `--gate` measures such a pass and fails it when it is not."""
+        return self.speedup
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """A new model (the input is never mutated), the report and any artifacts; never touches files."""
         raise NotImplementedError
 
-    def map_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """After `run`: the inputs of the new model that correspond to `feeds` of the old one. Most passes keep
-        the inputs; one that re-encodes an input (mole) overrides this, and the pipeline verifies through it."""
+    def map_inputs(self, result: PassResult, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs of `result.model` that correspond to `feeds` of the model the pass ran on. Most passes keep
+        the inputs; one that re-encodes an input (mole) overrides this, reading what it needs from the result's
+        `sculpt.*` metadata and artifacts (never from state kept on the pass), and the pipeline verifies through
+        it."""
         return feeds
 
     @classmethod

@@ -44,7 +44,6 @@ The plan is stored in model.metadata_props["sculpt.bitslice"] as JSON (read by t
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,8 @@ from onnx import numpy_helper
 from optimizer import quant
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
-from passes import Pass, PassContext, option, register
+from optimizer.plots import slice_sparsity_png
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
 METADATA_KEY = "sculpt.bitslice"
@@ -142,7 +142,7 @@ class BitSlice(Pass):
             if not Path(o.plot).resolve().parent.is_dir():
                 raise UsageError(f"pass bit-slice: option plot={o.plot!r}: directory does not exist")
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         weights, declines = find_quantized_weights(model)
         if not weights:
             floats = [d for d in declines if d.reason.startswith("float weight")]
@@ -169,11 +169,13 @@ class BitSlice(Pass):
         set_metadata(result, METADATA_KEY, json.dumps(metadata))
         details = {**settings, "adc_plan": plan, "layers": layers, "declined": [vars(d) for d in declines]}
         details["metadata_key"] = METADATA_KEY
+        artifacts = ()
         if self.options.plot:
-            plot_slice_sparsity(layers, self.options.plot, self.options)
+            png = slice_sparsity_png(layers, cell_bits=self.options.cell_bits, sign=self.options.sign)
+            artifacts = (Artifact(self.options.plot, "bit-slice plot", png),)
             details["plot"] = self.options.plot
         ctx.report_progress("bit-slice", 1.0)
-        return result, details
+        return PassResult(result, details, artifacts)
 
     def _layer(self, weight: QuantizedWeight) -> dict:
         o = self.options
@@ -357,34 +359,3 @@ def _overall_plan(layers: list[dict]) -> list[int]:
     width = max(layer["slices"] for layer in layers)
     return [max((layer["adc_bits"][s] for layer in layers if s < layer["slices"]), default=1) for s in range(width)]
 
-
-
-
-def plot_slice_sparsity(layers: list[dict], path: str, options) -> None:
-    """Grouped bars: one group per layer, one bar per slice (LSB first), written atomically to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width = max(layer["slices"] for layer in layers)
-    positions = np.arange(len(layers))
-    bar = 0.8 / width
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 2), 4.0))
-    for s in range(width):
-        values = [layer["slice_sparsity"][s] if s < layer["slices"] else 0.0 for layer in layers]
-        axes.bar(positions + (s - (width - 1) / 2) * bar, values, bar, label=f"slice {s}")
-    axes.set_xticks(positions, [layer["node"] or layer["weight"] for layer in layers], rotation=45, ha="right")
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("slice sparsity (fraction of zero digits)")
-    axes.set_title(f"bit-slice sparsity: {options.cell_bits}-bit cells, {options.sign} sign (slice 0 = LSB)")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    temporary = f"{path}.tmp.png"
-    try:
-        figure.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
-    except OSError as e:
-        raise UsageError(f"pass bit-slice: cannot write plot={path!r} ({e.strerror})") from e
-    finally:
-        plt.close(figure)

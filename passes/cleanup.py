@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.model import copy_model_fields
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -140,9 +140,9 @@ class Cleanup(Pass):
     summary = "constant folding, BatchNorm folding into Conv/ConvTranspose/Gemm, Identity/Dropout/dead-node removal"
     contract = "exact"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         fold_batchnorm: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm")
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
-        return cleanup_with_details(model, fold_bn=self.options.fold_batchnorm)
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        return PassResult(*cleanup_with_details(model, fold_bn=self.options.fold_batchnorm))

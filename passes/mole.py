@@ -30,19 +30,19 @@ from onnx import helper, numpy_helper
 
 from optimizer.data import graph_inputs
 from optimizer.errors import PassError, UsageError
-from optimizer.model import set_metadata
+from optimizer.model import metadata_value, set_metadata
 from optimizer.morph import (
     MATRIX_KINDS,
     ConvGeometry,
     MorphKey,
     aug_conv_matrix,
+    key_bytes,
     load_key,
     make_key,
     morph,
-    save_key,
 )
 from optimizer.report import model_stats
-from passes import Pass, PassContext, option, register
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 
 METADATA_KEY = "sculpt.mole"
 _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}
@@ -62,7 +62,7 @@ class Mole(Pass):
     summary = "MoLe Aug-Conv: the first convolution takes morphed inputs (x @ M); writes or reads the key"
     contract = "exact"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it")
         key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one")
@@ -88,9 +88,8 @@ class Mole(Pass):
             raise UsageError(f"pass mole: option kappa={o.kappa} must be a positive integer")
         if o.dtype not in ("auto", *_DTYPES):
             raise UsageError(f"pass mole: option dtype={o.dtype!r} is not auto, float32 or float64")
-        self.key: MorphKey | None = None
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         input_name = choose_input(model, o.input)
         conv = first_conv(model, input_name)
@@ -105,18 +104,31 @@ class Mole(Pass):
         aug = aug_conv_matrix(key, conv)
         result = replace_first_conv(model, input_name, conv, aug.astype(dtype), dtype)
         _set_metadata(result, key, conv)
-        if o.key_out is not None:
-            save_key(key, o.key_out)
-        self.key = key
-        return result, _details(model, result, key, conv, aug)
+        artifacts = (Artifact(o.key_out, "mole key", key_bytes(key)),) if o.key_out is not None else ()
+        return PassResult(result, _details(model, result, key, conv, aug), artifacts)
 
-    def map_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The morphed form of the input the old model took; other inputs pass through."""
-        if self.key is None or self.key.input_name not in feeds:
+    def map_inputs(self, result: PassResult, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The morphed form of the input the old model took; other inputs pass through.
+
+        The model's `sculpt.mole` metadata names the input and the key's fingerprint; the key itself is secret and
+        never enters the model, so it comes from the result's key artifact (key_out) or the key file (key)."""
+        entry = json.loads(metadata_value(result.model, METADATA_KEY) or "{}")
+        if entry.get("input") not in feeds:
             return feeds
-        mapped = {k: v for k, v in feeds.items() if k != self.key.input_name}
-        mapped[morphed_name(self.key.input_name)] = morph(feeds[self.key.input_name], self.key)
+        key = self._result_key(result, entry["key_sha256"])
+        mapped = {k: v for k, v in feeds.items() if k != key.input_name}
+        mapped[entry["morphed_input"]] = morph(feeds[key.input_name], key)
         return mapped
+
+    def _result_key(self, result: PassResult, fingerprint: str) -> MorphKey:
+        sources = [a.content for a in result.artifacts if a.what == "mole key"]
+        if self.options.key is not None:
+            sources.append(self.options.key)
+        for source in sources:
+            key = load_key(source)
+            if key.fingerprint() == fingerprint:
+                return key
+        raise PassError(f"pass mole: no key with fingerprint {fingerprint[:12]}… for the model's {METADATA_KEY}")
 
 
 def morphed_name(input_name: str) -> str:

@@ -44,7 +44,7 @@ from onnx import TensorProto, numpy_helper
 
 from optimizer import quant
 from optimizer.errors import UsageError
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
 
@@ -104,7 +104,7 @@ class Quantize(Pass):
         o = self.options
         return o.bits if o.magnitude_bits is None else o.magnitude_bits + 1
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from optimizer.model import upgrade_opset
 
         original = model
@@ -140,7 +140,7 @@ class Quantize(Pass):
         if ctx.evaluation is not None and "labels" in ctx.evaluation:
             details["accuracy"] = _accuracies(original, model, ctx.evaluation)
         ctx.report_progress("quantize: done", 1.0)
-        return model, details
+        return PassResult(model, details)
 
     def _calibration_feeds(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
         from optimizer.data import graph_inputs, random_inputs
@@ -268,13 +268,9 @@ def _batch_size(feeds: dict[str, np.ndarray]) -> int:
 
 def _chunk(model: onnx.ModelProto) -> int:
     """Rows per ORT call: the model's fixed batch size where it has one, else CALIBRATION_BATCH."""
-    from optimizer.data import graph_inputs
+    from optimizer.data import fixed_batch, graph_inputs
 
-    for value in graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return CALIBRATION_BATCH
+    return fixed_batch(graph_inputs(model)) or CALIBRATION_BATCH
 
 
 def _batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]):

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 
 METADATA_KEY = "sculpt.sparsify"
@@ -90,12 +90,14 @@ class Sparsify(Pass):
     summary = "magnitude pruning of Conv/Gemm/MatMul weights: element, RxC blocks (16x1, 8x8 for tvm) or N:M"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         sparsity: float = option(0.5, "fraction of weights set to zero (element and block patterns)")
         pattern: str = option("element", "element | RxC block, R output rows x C inputs (e.g. 16x1, 8x8) | N:M (2:4)")
         scope: Literal["layer", "global"] = option("layer", "each weight to the target, or one global threshold")
         exclude: str | None = option(None, "regex on node names to leave dense (e.g. the first conv)")
+
+    speedup = True
 
     def validate(self) -> None:
         if not 0.0 <= self.options.sparsity < 1.0:
@@ -103,7 +105,7 @@ class Sparsify(Pass):
         self.pattern = parse_pattern(self.options.pattern)
         self.exclude = compile_regex(self.name, "exclude", self.options.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         result = onnx.ModelProto()
         result.CopyFrom(model)
         targets, skipped = find_targets(result, self.exclude)
@@ -132,7 +134,7 @@ class Sparsify(Pass):
             "layers": layers,
             "skipped": skipped,
         }
-        return result, details
+        return PassResult(result, details)
 
 
 def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[list[Target], list[str]]:

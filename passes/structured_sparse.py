@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
-from optimizer.io_json import write_json
-from passes import Pass, PassContext, option, register
+from optimizer.io_json import to_json
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
 from passes.graph.groups import Analysis, analyze
@@ -74,7 +74,7 @@ class StructuredSparse(Pass):
     summary = "removes whole channels/filters/neurons and rewires every producer and consumer"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         ratio: float = option(0.5, "fraction of each group's channels to remove, 0 <= ratio < 1 (unused by zero)")
         criterion: Literal["l1", "l2", "bn-scale", "hoyer", "zero"] = option(
@@ -106,7 +106,11 @@ class StructuredSparse(Pass):
     def contract_for_options(self) -> Literal["exact", "approximate"]:
         return "exact" if self.options.criterion == "zero" and not self.options.plan else "approximate"
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def claims_speedup(self, result: PassResult) -> bool:
+        summary = result.report["summary"]
+        return summary["channels_after"] < summary["channels_before"]
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         started = time.perf_counter()
         o = self.options
         folded_bn = batchnorm_scales(model) if o.criterion == "bn-scale" else {}
@@ -134,9 +138,11 @@ class StructuredSparse(Pass):
         )
         if not any(d.group.prunable.any() for d in decisions):
             ctx.warn(details["message"])
+        artifacts = ()
         if o.plan_out:
-            write_json(o.plan_out, plan_payload(analysis, decisions, self._settings()))
-        return new_model, details
+            plan = to_json(plan_payload(analysis, decisions, self._settings())) + "\n"
+            artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
+        return PassResult(new_model, details, artifacts)
 
     @staticmethod
     def _unchanged(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -264,7 +264,8 @@ def test_digits_cnn_8bit_dfp_per_channel_keeps_top1_within_one_point(digits_asse
 
     cal, evaluation = load_npz(digits_assets.calibration), load_npz(digits_assets.eval)
     options = {"bits": 8, "scale": "dfp", "granularity": "channel"}
-    model, report = optimize(digits_assets.model, ["cleanup", ("quantize", options)], cal, evaluation)
+    model, report = optimize(digits_assets.model, ["cleanup", ("quantize", options)], calibration=cal,
+                             evaluation=evaluation)
     drop = 100 * (report["eval"]["input"] - report["eval"]["output"])
     assert drop <= 1.0, report["eval"]
     details = report["passes"][1]["details"]
