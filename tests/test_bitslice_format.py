@@ -299,3 +299,14 @@ def test_reram_sweep_adc_bits_per_slice_is_msb_first(tmp_path, capsys):
     assert point["saturated_by_slice_msb_first"][0] > 0
     assert "per-slice ADC 1,3,3,3 (MSB first)" in capsys.readouterr().out
     assert main(["reram-sweep", str(model_path), "--eval", str(eval_path), "--adc-bits-per-slice", "1,x"]) == 2
+
+
+def test_sparsity_regularizer_term_takes_the_authors_format():
+    from optimizer.training import SparsityRegularizer, Term
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    reg = SparsityRegularizer(model, Term("bitslice_l1", 0.5, magnitude_bits=8))
+    expected = sum(float(bitslice_l1(m.weight, magnitude_bits=8).detach()) for m in (model[0], model[2]))
+    assert float(reg().detach()) == pytest.approx(0.5 * expected)
+    assert reg.describe()["terms"][0]["magnitude_bits"] == 8

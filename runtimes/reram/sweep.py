@@ -77,7 +77,7 @@ def sweep(
     baseline = load(model, **{**options, **NOISE_OFF, "adc_bits": 0}).evaluate(evaluation)
     points = []
     for bits in [*adc_bits, *per_slice]:
-        note(f"ADC {bits} bits")
+        note(f"ADC {bits} bits" if isinstance(bits, int) else f"ADC {','.join(map(str, bits))} bits (MSB first)")
         runtime_bits = bits if isinstance(bits, int) else "/".join(map(str, reversed(bits)))
         described = load(model, **{**options, "adc_bits": runtime_bits}).evaluate(evaluation)
         point = {
