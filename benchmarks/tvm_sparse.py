@@ -145,7 +145,7 @@ def sparsify(model: onnx.ModelProto, name: str, sparsity: float, block: str) -> 
     if sparsity == 0:
         return model
     options = Sparsify.Options(sparsity=sparsity, pattern=block, exclude=EXCLUDE[name])
-    return Sparsify(options).run(model, PassContext())[0]
+    return Sparsify(options).run(model, PassContext()).model
 
 
 def run_case(model, name, sparsity, block, batch, threads, seconds, cache_dir) -> dict:

@@ -94,7 +94,7 @@ class Depth(Pass):
         view = GraphView(model)
         blocks, declined = find_residual_blocks(view)
         if not blocks:
-            why = "; ".join(f"{d.add}: {d.reason}" for d in declined) or "the model has no Add of two activations"
+            why = "; ".join(f"{d.node}: {d.why}" for d in declined) or "the model has no Add of two activations"
             raise PassError(f"pass depth: no identity residual block was found ({why})")
         layers = layer_rows(model)
         rows = [_block_row(block, layers) for block in blocks]
@@ -115,7 +115,7 @@ class Depth(Pass):
         details = {
             "blocks": rows,
             "removed": removed,
-            "declined": [{"block": d.add, "reason": d.reason} for d in declined],
+            "declined": [{"block": d.node, "code": d.code, "reason": d.why} for d in declined],
             "before": {k: before[k] for k in ("params", "macs", "nodes")},
             "after": {k: after[k] for k in ("params", "macs", "nodes")},
         }

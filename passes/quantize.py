@@ -46,7 +46,7 @@ from optimizer import quant
 from optimizer.errors import UsageError
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
-from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
+from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, insert_qdq, output_tensors, plain
 
 ACTIVATION_BITS = 8
 WEIGHT_BITS = range(4, 9)
@@ -128,9 +128,10 @@ class Quantize(Pass):
         o = self.options
         plan = QdqPlan(sites, weights, activations, outputs, self.weight_bits, o.scale, o.granularity,
                        "int" if o.magnitude_bits is None else "sign-magnitude")
-        metadata = write_qdq(model, plan)
+        metadata, float_biases = insert_qdq(model, plan)
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
+        details["float_biases"] = [d.as_report() for d in float_biases]
         details["calibration"] = {
             "samples": _batch_size(feeds),
             "random": ctx.calibration is None or ctx.calibration_is_random,
@@ -207,7 +208,7 @@ class Quantize(Pass):
             "magnitude_bits": o.magnitude_bits,
             "activation_bits": ACTIVATION_BITS,
             "layers": layers,
-            "declined": [vars(d) for d in declines],
+            "declined": [d.as_report() for d in declines],
             "metadata_key": METADATA_KEY,
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),

@@ -125,7 +125,7 @@ class ReramSession:
             "tops_per_w": 2 * macs / summary["total"] if summary["total"] else None,
             "layers": rows,
             "digital": {"ops": dict(self.digital_ops),
-                        "declined": [{"node": d.node, "op": d.op_type, "reason": d.reason} for d in self.declines]},
+                        "declined": [d.as_report() for d in self.declines]},
             "calibration": self.calibration_source,
             "cost_model": cost.SOURCE,
             "settings": self.options.resolved(),
