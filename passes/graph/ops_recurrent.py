@@ -19,7 +19,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graph.channels import ChannelState, ConsumerTerm, Reason
+from optimizer.declines import Decline
+from passes.graph.channels import ChannelState, ConsumerTerm
 from passes.graph.handler import Cut, Handler, zero_slices
 
 _X, _W, _R, _B, _SEQ, _H0, _C0, _P = range(8)
@@ -65,8 +66,8 @@ class RecurrentHandler(Handler):
                  and state.view.input_constant(node, i) is None and not _zero_fill(state.view, node, i)]
         if loose:
             name = node.inputs[loose[0]].name
-            state.block(space.ids, Reason(node.name, node.op, f"its initial state or peephole input {name!r} is not "
-                                                              "a constant, so its hidden size cannot be cut"))
+            why = f"its initial state or peephole input {name!r} is not a constant, so its hidden size cannot be cut"
+            state.block(space.ids, Decline(node.name, node.op, "non-constant-state", why))
 
     def _silent_units(self, node: gs.Node, state: ChannelState, w: np.ndarray, r: np.ndarray,
                       b: np.ndarray | None, hidden: int) -> np.ndarray:
