@@ -116,8 +116,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory) as tmp:
             staged = Path(tmp) / path.name
             if external:
+                detached = onnx.ModelProto()
+                detached.CopyFrom(model)  # onnx rewrites the tensors it moves out as references, in place
                 onnx.save_model(
-                    model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    detached, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD,
                 )
                 os.replace(Path(tmp) / data_name, directory / data_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,9 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     importer = _naming_importer({name: list(shape) for name, shape in shapes.items()}, dtypes)
     opset = default_opset(model)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints to stdout before re-raising
-            mod = importer.from_onnx(model.graph, opset)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Renaming name X to input_X": the importer's bookkeeping, not ours
+            mod = importer.from_onnx(model.graph, opset)  # it prints to stdout before re-raising
     except Exception as e:  # the importer raises assorted Python and TVM errors
         where = importer.current or "the model"
         raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {_first_line(e)}") from e

@@ -112,7 +112,7 @@ class TvmSession:
         for spec in self.inputs:
             if spec.name not in feeds:
                 raise UsageError(f"runtime tvm: no value for model input {spec.name!r}")
-            array = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            array = np.asarray(feeds[spec.name], dtype=spec.dtype, order="C")  # ascontiguousarray makes 0-d 1-d
             fixed = [(dim, size) for dim, size in zip(spec.dims, array.shape, strict=False) if isinstance(dim, int)]
             if array.ndim != len(spec.dims) or any(dim != size for dim, size in fixed):
                 declared = ["?" if not isinstance(d, int) else d for d in spec.dims]
