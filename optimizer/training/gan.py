@@ -34,8 +34,9 @@ The pieces and the choices they make:
   conditioning    The generator is conditioned on the class and a transfer feature t drawn with its label from the
                   feature pool: E(x) of every HQ training image and T(E(lq), y) of every LQ image, so the LQ pool
                   (degraded copies of samples NOT in the HQ pool) contributes the HQ features it is estimated to
-                  have, while the discriminator sees HQ images only. G adds feature_weight * |E(G(z, y, t)) - t|^2 so
-                  that t determines what it draws. For sampling without an LQ input, a learned class prior
+                  have, while the discriminator sees HQ images only. The pool is standardised (per dimension zero
+                  mean, unit variance) and G adds feature_weight * |E'(G(z, y, t)) - t|^2, E' the standardised
+                  encoder, so that t determines what it draws on the scale of the hinge loss. For sampling without an LQ input, a learned class prior
                   (ClassPrior: a diagonal Gaussian per class, maximum-likelihood on the pool) gives t.
 GanSampler is what is exported: (noise [N, noise_dim], labels [N] int64) -> images [N, 1, H, W]; the first z_dim
 noise values are z and the rest (transfer GANs) the prior's eps.
@@ -202,8 +203,8 @@ class GanSampler(nn.Module):
 
 @dataclass
 class GANResult:
-    """The trained sampler (eval mode), the discriminator, the feature pool the generator was conditioned on (None
-    for a plain cGAN) and one record per log_every steps (d_loss, g_loss, rotation accuracy on real images)."""
+    """The trained sampler (eval mode), the discriminator, the standardised feature pool and its labels that the
+    generator was conditioned on (None for a plain cGAN) and one record per log_every steps (d_loss, g_loss, rotation accuracy on real images)."""
 
     sampler: GanSampler
     discriminator: ProjectionDiscriminator
@@ -223,14 +224,28 @@ class _Conditions:
         return self.labels[index], None if self.features is None else self.features[index]
 
 
+class _Standardized(nn.Module):
+    """encoder(x) standardised with the pool's per-dimension mean and std (what the generator is conditioned on)."""
+
+    def __init__(self, encoder: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.encoder, self.mean, self.std = encoder, mean, std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.encoder(images) - self.mean) / self.std
+
+
 def _feature_pool(branch: TransferBranch, real: tuple[torch.Tensor, torch.Tensor],
-                  lq: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  lq: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, _Standardized]:
+    """The standardised pool features, their labels, and the encoder standardised the same way."""
     with torch.no_grad():
         features, labels = [branch.features(real[0])], [real[1]]
         if lq is not None:
             features.append(branch.transfer(*lq))
             labels.append(lq[1])
-    return torch.cat(features), torch.cat(labels)
+        features = torch.cat(features)
+        mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    return (features - mean) / std, torch.cat(labels), _Standardized(branch.encoder, mean, std)
 
 
 def _discriminator_step(d, g, optimizer, real, conditions, config, generator) -> tuple[float, float]:
@@ -309,10 +324,12 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, config: GANConfig | No
     features = transfer.feature_count if transfer is not None else 0
     g = Generator(classes, z_dim=config.z_dim, features=features, size=images.shape[-1], width=config.width)
     d = ProjectionDiscriminator(classes, width=config.width)
-    pool = _feature_pool(transfer, (images, labels), lq) if transfer is not None else None
-    conditions = _Conditions(pool[1], pool[0], generator) if pool is not None else _Conditions(labels, None, generator)
-    prior = ClassPrior.fit(pool[0], pool[1], classes) if pool is not None else None
-    encoder = transfer.encoder if transfer is not None else None
+    pool, encoder, prior, conditions = None, None, None, _Conditions(labels, None, generator)
+    if transfer is not None:
+        features, pool_labels, encoder = _feature_pool(transfer, (images, labels), lq)
+        pool = (features, pool_labels)
+        conditions = _Conditions(pool_labels, features, generator)
+        prior = ClassPrior.fit(features, pool_labels, classes)
     g_optimizer = torch.optim.Adam(g.parameters(), lr=config.lr_g, betas=config.betas)
     d_optimizer = torch.optim.Adam(d.parameters(), lr=config.lr_d, betas=config.betas)
     history, totals = [], torch.zeros(4, dtype=torch.float64)
