@@ -86,9 +86,10 @@ def test_projection_score_is_linear_plus_class_embedding_inner_product():
     torch.testing.assert_close(d.adversarial(h, labels), expected)
     # spectral norm: after power iterations in training mode the largest singular value of each weight is ~1
     d.train()
-    for _ in range(30):
-        d.features(torch.rand(2, 1, 8, 8))
-    weight = d.body[2].weight.flatten(1)
+    with torch.no_grad():
+        for _ in range(30):
+            d.features(torch.rand(2, 1, 8, 8))
+        weight = d.body[2].weight.flatten(1)
     assert float(torch.linalg.matrix_norm(weight, ord=2)) == pytest.approx(1.0, abs=0.02)
 
 

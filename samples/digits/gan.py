@@ -104,9 +104,10 @@ def save_grid(images: torch.Tensor, path: Path, title: str, *, scale: int = 4) -
 
     rows = 10
     per_row = len(images) // rows
-    h, w = images.shape[-2:]
-    grid = images[:, 0].reshape(rows, per_row, h, w).permute(0, 2, 1, 3).reshape(rows * h, per_row * w)
-    cells = Image.fromarray((255 * (1 - grid.clamp(0, 1).numpy())).astype(np.uint8))
+    framed = torch.nn.functional.pad(images[:, 0].clamp(0, 1), (1, 1, 1, 1))  # a blank pixel between images
+    h, w = framed.shape[-2:]
+    grid = framed.reshape(rows, per_row, h, w).permute(0, 2, 1, 3).reshape(rows * h, per_row * w)
+    cells = Image.fromarray((255 * (1 - grid.numpy())).astype(np.uint8))
     cells = cells.resize((cells.width * scale, cells.height * scale), Image.NEAREST)
     canvas = Image.new("L", (max(cells.width, 8 * len(title)) + 8, cells.height + 22), 255)
     canvas.paste(cells, (4, 18))
