@@ -8,6 +8,7 @@ Without --debug a failure is one line on stderr; with --debug the traceback foll
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import click
 
 from optimizer.errors import SculptError, UsageError
+
+DEFAULT_GATE_MIN = 1.1
 
 
 class DefaultToApply(click.Group):
@@ -67,9 +70,13 @@ def _write_json(path: str | None, payload: dict) -> None:
 @click.option("--seed", type=int, default=None, help="seed for random choices and random inputs [0]")
 @click.option("--batch", type=int, default=1, show_default=True, help="batch size for random inputs")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="write the structured-sparse plan as JSON")
+@click.option("--gate", type=click.Choice(["ort", "tvm"]), help="measure the speedup on this runtime (fixed threads)")
+@click.option("--gate-min", type=float, default=None,
+              help="least speedup a pass that claims one must deliver, else exit 1 [1.1]; 0: only report")
+@click.option("--gate-threads", type=int, default=1, show_default=True, help="threads for the --gate measurement")
 @_debug_option
 def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, plan_out,
-              debug):
+              gate, gate_min, gate_threads, debug):
     """Run passes on MODEL and write the result to OUT."""
     from optimizer.console import print_pipeline_report, progress_printer
     from optimizer.data import load_npz
@@ -85,17 +92,19 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
     pass_objects = [build_pass(spec) for spec in specs]
     if plan_out:
-        planners = [p for p in pass_objects if p.name == "structured-sparse"]
+        planners = [i for i, p in enumerate(pass_objects) if p.name == "structured-sparse"]
         if len(planners) != 1:
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
-        planners[0].options.plan_out = plan_out
+        planner = pass_objects[planners[0]]
+        pass_objects[planners[0]] = type(planner)(dataclasses.replace(planner.options, plan_out=plan_out))
     out_path = Path(output)
     _require_directory(output, "output")
     if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
     if report:
         _require_directory(report, "report")
-    source, external = read_model(model)
+    source, external = read_model(model, notes=(notes := []))
+    _echo_notes(notes)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
     if evaluation is not None and "labels" not in evaluation:
@@ -110,6 +119,9 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         tolerance=tolerance if tolerance is not None else settings.get("tolerance", 1e-4),
         seed=seed if seed is not None else settings.get("seed", 0),
         batch=batch,
+        gate=gate,
+        gate_min=_gate_min(gate, gate_min),
+        gate_threads=gate_threads,
         on_pass=progress_printer(),
     )
     save_model(result, output, external=external or None)
@@ -118,6 +130,18 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     _write_json(report, pipeline_report)
     print_pipeline_report(pipeline_report)
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """Load-time normalisation notes (optimizer.normalize), one `note:` line each on stderr."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+def _gate_min(gate: str | None, gate_min: float | None) -> float | None:
+    if gate_min is not None and gate is None:
+        raise UsageError("--gate-min needs --gate ort or --gate tvm")
+    return (DEFAULT_GATE_MIN if gate_min is None else gate_min) if gate else None
 
 
 @cli.command("passes")
@@ -142,12 +166,15 @@ def inspect_cmd(model, calibration, batch, report, debug):
     from optimizer.model import load_model
     from optimizer.report import layer_rows, model_stats
 
-    proto = load_model(model)
-    facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
+    proto = load_model(model, notes=(notes := []))
+    _echo_notes(notes)
+    feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"} if calibration else {}
+    shapes = {name: array.shape for name, array in feeds.items()}
+    facts = {"model": str(model), "stats": model_stats(proto, batch, input_shapes=shapes),
+             "layers": layer_rows(proto, batch, input_shapes=shapes)}
     if calibration:
         from optimizer.activation_stats import activation_stats
 
-        feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"}
         facts["activations"] = activation_stats(proto, feeds)
     _write_json(report, facts)
     print_inspect(facts)

@@ -49,15 +49,28 @@ def print_pipeline_report(report: dict) -> None:
         stats.add_row(label, _num(s["params"]), _num(s["macs"]), _num(s["bytes"]), _num(s["nodes"]),
                       f"{s['weight_sparsity']:.3f}")
     stats.add_row("output/input", *[
-        f"{after[k] / before[k]:.3f}" if before[k] else "-" for k in ("params", "macs", "bytes", "nodes")
+        f"{after[k] / before[k]:.3f}" if before[k] and after[k] is not None else "-"
+        for k in ("params", "macs", "bytes", "nodes")
     ], "")
     console.print(stats)
+    for label, s in (("input", before), ("output", after)):
+        if s.get("macs_note"):
+            console.print(f"{label} MACs {s['macs_note']}")
     if "eval" in report:
         e = report["eval"]
         console.print(f"top-1 accuracy: input {e['input']:.4f} → output {e['output']:.4f} "
                       f"({(e['output'] - e['input']) * 100:+.2f} pt)")
+    if "gate" in report:
+        console.print(gate_line(report["gate"]))
     for warning in report.get("warnings", []):
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def gate_line(gate: dict) -> str:
+    """`speed gate (ort, 1 thread, batch 1): 1.84x (2.1 ms -> 1.14 ms); structured-sparse 1.84x`."""
+    passes = "; ".join(f"{p['name']} {p['ratio']:.2f}x" for p in gate["passes"]) or "no pass claims a speedup"
+    return (f"speed gate ({gate['runtime']}, {gate['threads']} thread(s), batch {gate['batch']}): "
+            f"{gate['ratio']:.2f}x ({gate['before_ms']:.4g} ms -> {gate['after_ms']:.4g} ms); {passes}")
 
 
 def _scalar_details(details: dict) -> str:
@@ -72,8 +85,9 @@ def _scalar_details(details: dict) -> str:
 
 
 def print_passes() -> None:
+    from optimizer.options import describe_type
     from passes import all_passes
-    from passes.base import describe_type, option_fields
+    from passes.base import option_fields
 
     for name, cls in all_passes().items():
         table = Table(title=f"{name} ({cls.contract}) — {cls.summary}", title_justify="left", show_edge=False)
@@ -90,13 +104,16 @@ def print_passes() -> None:
 
 def print_inspect(facts: dict) -> None:
     s = facts["stats"]
-    console.print(f"{facts['model']}: {s['params']:,} params, {s['macs']:,} MACs, {s['bytes']:,} bytes, "
+    macs = f"{s['macs']:,} MACs" if s["macs"] is not None else f"MACs {s['macs_note']}"
+    console.print(f"{facts['model']}: {s['params']:,} params, {macs}, {s['bytes']:,} bytes, "
                   f"{s['nodes']} nodes, weight sparsity {s['weight_sparsity']:.3f}")
     table = Table(title="layers", title_justify="left")
     for column in ("node", "op", "weight shape", "params", "MACs", "sparsity", "zero out-ch"):
         table.add_column(column, justify="left" if column in ("node", "op", "weight shape") else "right")
     for r in facts["layers"]:
-        table.add_row(r["node"], r["op"], "x".join(map(str, r["weight_shape"])), _num(r["params"]), _num(r["macs"]),
+        shape = "x".join(map(str, r["weight_shape"])) if r["weight"] else "(activations)"
+        macs = _num(r["macs"]) if r["macs"] is not None else "unknown"
+        table.add_row(r["node"], r["op"], shape, _num(r["params"]), macs,
                       f"{r['sparsity']:.3f}", f"{r['zero_channels']}/{r['channels']}")
     console.print(table)
     if "activations" in facts:
