@@ -1,6 +1,6 @@
 """The conditional transferring-features GAN on scikit-learn digits against its baselines and ablations.
 
-    python -m samples.digits.gan [--seeds N] [--quick] [--steps S] [--out DIR]
+    python -m samples.digits.gan [--seeds N] [--quick] [--steps S] [--jobs J] [--setups NAME ...] [--out DIR]
 
 A design of ours from the abstract of Wu, Wen, Chen, Li (arXiv 1909.11308; optimizer/training/gan.py says what was
 chosen); the paper's numbers are not reproduced. Per seed, the 1347 training images are split per class into an HQ
@@ -19,6 +19,7 @@ Measured by the digits CNN trained once (seed 0) on all real training images: cl
 generated images (100 per class), FID in its 64 penultimate features against the 450 real test images, and
 diversity (within-class mean pairwise feature distance, generated / real test). Writes gan_results.json, one PNG
 grid of samples per setup (first seed; rows are classes) and the exported transfer generator (checked against ORT).
+Runs go to --jobs worker processes (default 2, one torch thread each); every figure is the same for any --jobs.
 """
 
 from __future__ import annotations
