@@ -6,12 +6,13 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
+from optimizer.options import option_types, parse_options
 
 Contract = Literal["exact", "approximate"]
 
@@ -123,69 +124,25 @@ class Pass:
     @classmethod
     def from_spec(cls, values: dict[str, str | Any]) -> Pass:
         """Build from `key=value` strings (CLI) or typed values (recipe, Python API)."""
-        return cls(parse_options(cls, values))
+        return cls(parse_options(cls.Options, values, where=f"pass {cls.name}"))
 
 
 def option_fields(pass_cls: type[Pass]) -> list[tuple[dataclasses.Field, Any]]:
     """(field, resolved type) for every option of a pass."""
-    hints = get_type_hints(pass_cls.Options)
-    return [(f, hints[f.name]) for f in dataclasses.fields(pass_cls.Options)]
+    types = option_types(pass_cls.Options)
+    return [(f, types[f.name]) for f in dataclasses.fields(pass_cls.Options)]
 
 
-def describe_type(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "|".join(str(a) for a in get_args(tp))
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if args and get_origin(tp) is not Literal and len(args) == 1:
-        return describe_type(args[0]) + " (optional)"
-    return getattr(tp, "__name__", str(tp))
-
-
-_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-def coerce(pass_name: str, key: str, tp: Any, value: Any) -> Any:
-    """Convert a CLI string (or a recipe value) to the option's declared type, or raise UsageError."""
-    origin = get_origin(tp)
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if value is None and type(None) in get_args(tp):
-        return None
-    if origin is Literal:
-        choices = get_args(tp)
-        for choice in choices:
-            if str(choice) == str(value):
-                return choice
-        raise UsageError(f"pass {pass_name}: option {key}={value!r} is not one of {', '.join(map(str, choices))}")
-    if args and origin is not Literal:
-        if isinstance(value, str) and value.lower() in ("none", ""):
-            return None
-        return coerce(pass_name, key, args[0], value)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            return _BOOL[str(value).lower()]
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (ValueError, KeyError):
-        raise UsageError(f"pass {pass_name}: option {key}={value!r} is not a valid {describe_type(tp)}") from None
-    return value
-
-
-def parse_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
-    fields = {f.name: tp for f, tp in option_fields(pass_cls)}
-    unknown = [k for k in values if k.replace("-", "_") not in fields]
-    if unknown:
-        known = ", ".join(fields) or "(none)"
-        raise UsageError(f"pass {pass_cls.name}: unknown option {unknown[0]!r}; options are: {known}")
-    typed = {k.replace("-", "_"): coerce(pass_cls.name, k, fields[k.replace("-", "_")], v) for k, v in values.items()}
-    return pass_cls.Options(**typed)
+def file_options(pass_: Pass) -> list[tuple[str, str, str]]:
+    """(option name, "read" | "write", path) for every set option declared with `option(..., file=...)`, so the
+    CLI can apply its output-path safety rule to the files a pass reads and writes."""
+    found = []
+    for f in dataclasses.fields(pass_.options):
+        kind = f.metadata.get("file")
+        value = getattr(pass_.options, f.name)
+        if kind and value:
+            found.append((f.name, kind, str(value)))
+    return found
 
 
 def compile_regex(pass_name: str, key: str, pattern: str | None) -> re.Pattern | None:

@@ -1,7 +1,8 @@
 """`bit-slice`: decompose every quantized weight into crossbar cell slices and plan the ADC resolution per slice.
 
 The graph is not changed (the contract is exact: outputs stay bit-identical). The pass reads each crossbar
-weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ), or the
+weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ; int16 holds
+the sign + 8-bit magnitude of `quantize:magnitude_bits=8`, sliced as 9 signed bits: four full 2-bit cells), or the
 weight operand of QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger — subtracts the zero point, lays the
 codes out as crossbar matrices and splits them with `optimizer.quant.split_slices`.
 
@@ -53,14 +54,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer import quant
+from optimizer import keys, quant
+from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
 from optimizer.plots import slice_sparsity_png
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
-METADATA_KEY = "sculpt.bitslice"
+METADATA_KEY = keys.BITSLICE
 CELL_BITS = range(1, 5)
 INPUT_BITS = range(1, 9)
 MAX_WEIGHT_BITS = 16
@@ -102,13 +104,6 @@ class QuantizedWeight:
     layout: str
 
 
-@dataclass(frozen=True)
-class Decline:
-    node: str
-    op: str
-    reason: str
-
-
 @register
 class BitSlice(Pass):
     name = "bit-slice"
@@ -145,7 +140,7 @@ class BitSlice(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         weights, declines = find_quantized_weights(model)
         if not weights:
-            floats = [d for d in declines if d.reason.startswith("float weight")]
+            floats = [d for d in declines if d.code == "float-weight"]
             where = f" ({floats[0].op} {floats[0].node!r} has float weights)" if floats else ""
             raise UsageError(
                 f"pass bit-slice: the model has no quantized weights{where}; run the quantize pass first, "
@@ -167,7 +162,7 @@ class BitSlice(Pass):
         result = onnx.ModelProto()
         result.CopyFrom(model)
         set_metadata(result, METADATA_KEY, json.dumps(metadata))
-        details = {**settings, "adc_plan": plan, "layers": layers, "declined": [vars(d) for d in declines]}
+        details = {**settings, "adc_plan": plan, "layers": layers, "declined": [d.as_report() for d in declines]}
         details["metadata_key"] = METADATA_KEY
         artifacts = ()
         if self.options.plot:
@@ -261,44 +256,51 @@ def find_quantized_weights(model: onnx.ModelProto) -> tuple[list[QuantizedWeight
             layout = QDQ_LAYOUTS[node.op_type]
         else:
             continue
-        if isinstance(found, str):
-            declines.append(Decline(node.name, node.op_type, found))
+        if isinstance(found, Decline):
+            declines.append(found)
             continue
         name, codes, container_bits = found
         if layout == "matmul" and codes.ndim != 2:
-            declines.append(Decline(node.name, node.op_type, f"weight {name!r} is {codes.ndim}-D, not a 2-D matrix"))
+            declines.append(Decline(node.name, node.op_type, "weight-rank",
+                                    f"weight {name!r} is {codes.ndim}-D, not a 2-D matrix"))
             continue
         weights.append(QuantizedWeight(node, name, codes, declared.get(name, container_bits), layout))
     return weights, declines
 
 
-def _qdq_weight(node, initializers, producers) -> tuple[str, np.ndarray, int] | str:
+def _qdq_weight(node, initializers, producers) -> tuple[str, np.ndarray, int] | Decline:
     if len(node.input) < 2:
-        return "has no weight input"
+        return Decline(node.name, node.op_type, "no-weight", "has no weight input")
     weight = node.input[1]
     if weight in initializers:
-        return f"float weight {weight!r} (not quantized)"
+        return Decline(node.name, node.op_type, "float-weight", f"float weight {weight!r} (not quantized)")
     dq = producers.get(weight)
     if dq is None or dq.op_type != "DequantizeLinear":
-        return f"weight {weight!r} is computed at run time, not a constant"
+        return Decline(node.name, node.op_type, "runtime-weight",
+                       f"weight {weight!r} is computed at run time, not a constant")
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    return _integer_weight(dq, 0, 2 if len(dq.input) > 2 else None, initializers, axis)
+    found = _integer_weight(dq, 0, 2 if len(dq.input) > 2 else None, initializers, axis)
+    # the decline names the crossbar op, not the DequantizeLinear that feeds it
+    return Decline(node.name, node.op_type, found.code, found.why) if isinstance(found, Decline) else found
 
 
-def _integer_weight(node, weight_input, zero_point_input, initializers, axis) -> tuple[str, np.ndarray, int] | str:
+def _integer_weight(node, weight_input, zero_point_input, initializers, axis) -> tuple[str, np.ndarray, int] | Decline:
     name = node.input[weight_input]
     tensor = initializers.get(name)
     if tensor is None:
-        return f"integer weight {name!r} is not an initializer"
+        return Decline(node.name, node.op_type, "runtime-weight", f"integer weight {name!r} is not an initializer")
     if tensor.data_type not in INTEGER_TYPES:
-        return f"weight {name!r} has type {onnx.TensorProto.DataType.Name(tensor.data_type)}, not a supported integer"
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+        return Decline(node.name, node.op_type, "weight-type",
+                       f"weight {name!r} has type {kind}, not a supported integer")
     codes = numpy_helper.to_array(tensor).astype(np.int64)
     zp_name = (
         node.input[zero_point_input] if zero_point_input is not None and len(node.input) > zero_point_input else ""
     )
     if zp_name:
         if zp_name not in initializers:
-            return f"zero point {zp_name!r} is not an initializer"
+            return Decline(node.name, node.op_type, "runtime-zero-point",
+                           f"zero point {zp_name!r} is not an initializer")
         zero_point = numpy_helper.to_array(initializers[zp_name]).astype(np.int64)
         codes = codes - _along(zero_point, codes.ndim, axis if axis is not None else _direct_axis(node, codes))
     return name, codes, INTEGER_TYPES[tensor.data_type]

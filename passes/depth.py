@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer import keys
 from optimizer.activation_stats import ProbeSession
 from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
@@ -38,7 +39,7 @@ from passes.base import compile_regex
 from passes.graph.ir import GraphView
 from passes.graph.residual import ResidualBlock, find_residual_blocks, node_label
 
-METADATA_KEY = "sculpt.depth"
+METADATA_KEY = keys.DEPTH
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -94,7 +95,7 @@ class Depth(Pass):
         view = GraphView(model)
         blocks, declined = find_residual_blocks(view)
         if not blocks:
-            why = "; ".join(f"{d.add}: {d.reason}" for d in declined) or "the model has no Add of two activations"
+            why = "; ".join(f"{d.node}: {d.why}" for d in declined) or "the model has no Add of two activations"
             raise PassError(f"pass depth: no identity residual block was found ({why})")
         layers = layer_rows(model)
         rows = [_block_row(block, layers) for block in blocks]
@@ -115,7 +116,7 @@ class Depth(Pass):
         details = {
             "blocks": rows,
             "removed": removed,
-            "declined": [{"block": d.add, "reason": d.reason} for d in declined],
+            "declined": [{"block": d.node, "code": d.code, "reason": d.why} for d in declined],
             "before": {k: before[k] for k in ("params", "macs", "nodes")},
             "after": {k: after[k] for k in ("params", "macs", "nodes")},
         }

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from optimizer import keys
 from optimizer.data import graph_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
@@ -43,8 +44,9 @@ from optimizer.morph import (
 )
 from optimizer.report import model_stats
 from passes import Artifact, Pass, PassContext, PassResult, option, register
+from passes.graph.edit import GraphEdit
 
-METADATA_KEY = "sculpt.mole"
+METADATA_KEY = keys.MOLE
 _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}
 
 
@@ -64,8 +66,9 @@ class Mole(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it")
-        key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one")
+        key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it",
+                                      file="write")
+        key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one", file="read")
         matrix: Literal["orthogonal", "uniform"] = option(
             "orthogonal", "new keys: orthogonal (condition number 1) or the paper's uniform U[0,1) (float64 data)")
         kappa: int = option(1, "new keys: block-diagonal M, kappa copies of one random block (1: dense)")
@@ -199,63 +202,34 @@ def _resolve_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple[tup
 def replace_first_conv(model: onnx.ModelProto, input_name: str, conv: FirstConv, aug: np.ndarray,
                        dtype: str) -> onnx.ModelProto:
     """A copy of `model` whose input is the morphed vector and whose first Conv is the Aug-Conv MatMul."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    old_input = next(i for i in graph.input if i.name == input_name)
-    batch = old_input.type.tensor_type.shape.dim[0]
-    new_input = helper.make_tensor_value_info(morphed_name(input_name), _DTYPES[dtype], [None, aug.shape[0]])
-    new_input.type.tensor_type.shape.dim[0].CopyFrom(batch)
-    inputs = [new_input if i.name == input_name else i for i in graph.input]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    edit = GraphEdit(model)
+    old_input = edit.tensor(input_name)
+    batch = old_input.shape[0] if old_input.shape else None
+    new_input = edit.variable(morphed_name(input_name), dtype=np.dtype(dtype), shape=[batch, aug.shape[0]])
+    edit.replace_graph_input(old_input, new_input)
+    node = edit.tensor(conv.node.output[0]).inputs[0]
+    aug_weight = edit.add_initializer(aug, "mole/aug_conv")
+    out_shape = edit.add_initializer(
+        np.array([-1, aug.shape[1] // int(np.prod(conv.out_spatial)), *conv.out_spatial], np.int64), "mole/out_shape")
 
-    output = conv.node.output[0]
-    names = _Namer(result)
-    aug_name, shape_name = names("mole/aug_conv"), names("mole/out_shape")
-    new_initializers = [numpy_helper.from_array(aug, aug_name),
-                        numpy_helper.from_array(np.array([-1, aug.shape[1] // int(np.prod(conv.out_spatial)),
-                                                          *conv.out_spatial], np.int64), shape_name)]
-    flat = names("mole/aug_conv_out")
-    nodes = [helper.make_node("MatMul", [new_input.name, aug_name], [flat], name=names("mole/AugConv"))]
-    if dtype != "float32":
-        cast = names("mole/aug_conv_out_f32")
-        nodes.append(helper.make_node("Cast", [flat], [cast], name=names("mole/Cast"), to=onnx.TensorProto.FLOAT))
-        flat = cast
-    shaped = output if conv.bias is None else names("mole/aug_conv_shaped")
-    nodes.append(helper.make_node("Reshape", [flat, shape_name], [shaped], name=names("mole/Reshape")))
-    if conv.bias is not None:
-        bias_name = names("mole/bias")
-        bias = conv.bias.astype(np.float32).reshape(1, -1, *[1] * len(conv.out_spatial))
-        new_initializers.append(numpy_helper.from_array(bias, bias_name))
-        nodes.append(helper.make_node("Add", [shaped, bias_name], [output], name=names("mole/Bias")))
+    def aug_conv(outputs: list) -> list:
+        (output,) = outputs
+        flat = edit.variable("mole/aug_conv_out", dtype=np.dtype(dtype))
+        nodes = [edit.add_node("MatMul", [new_input, aug_weight], [flat], hint="mole/AugConv")]
+        if dtype != "float32":
+            cast = edit.variable("mole/aug_conv_out_f32", dtype=np.float32)
+            nodes.append(edit.add_node("Cast", [flat], [cast], hint="mole/Cast", attrs={"to": onnx.TensorProto.FLOAT}))
+            flat = cast
+        shaped = output if conv.bias is None else edit.variable("mole/aug_conv_shaped", dtype=np.float32)
+        nodes.append(edit.add_node("Reshape", [flat, out_shape], [shaped], hint="mole/Reshape"))
+        if conv.bias is not None:
+            bias = edit.add_initializer(conv.bias.astype(np.float32).reshape(1, -1, *[1] * len(conv.out_spatial)),
+                                        "mole/bias")
+            nodes.append(edit.add_node("Add", [shaped, bias], [output], hint="mole/Bias"))
+        return nodes
 
-    position = list(model.graph.node).index(conv.node)  # conv.node belongs to `model`; `result` is a copy
-    kept = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(kept[:position] + nodes + kept[position + 1:])
-    still_used = {name for n in graph.node for name in n.input}
-    initializers = [t for t in graph.initializer if t.name in still_used or t.name not in conv.node.input]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers + new_initializers)
-    return result
-
-
-class _Namer:
-    """Names not yet used by any tensor or node of the model."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.used = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {
-            name for n in graph.node for name in [*n.input, *n.output]} | {i.name for i in graph.input}
-
-    def __call__(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            index += 1
-            name = f"{base}_{index}"
-        self.used.add(name)
-        return name
+    edit.replace_subgraph([node], aug_conv)
+    return edit.to_model()
 
 
 def _check_key(key: MorphKey, input_name: str, conv: FirstConv, path: str, dtype: str | None) -> None:

@@ -29,12 +29,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer import keys
+from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 
-METADATA_KEY = "sculpt.sparsify"
+METADATA_KEY = keys.SPARSIFY
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
@@ -110,7 +112,7 @@ class Sparsify(Pass):
         result.CopyFrom(model)
         targets, skipped = find_targets(result, self.exclude)
         if not targets:
-            reasons = "; ".join(skipped) or "the model has no Conv/Gemm/MatMul"
+            reasons = "; ".join(f"{d.node}: {d.why}" for d in skipped) or "the model has no Conv/Gemm/MatMul"
             raise PassError(f"pass sparsify: nothing to prune ({reasons})")
         initializers = {t.name: t for t in result.graph.initializer}
         matrices = [t.view(numpy_helper.to_array(initializers[t.initializer])) for t in targets]
@@ -123,6 +125,12 @@ class Sparsify(Pass):
             layers.append(layer_row(target, pruned, self.pattern))
         total = sum(r["params"] for r in layers)
         zeros = sum(r["params"] * r["sparsity"] for r in layers)
+        newly_zeroed = sum(int(np.count_nonzero(~mask & (matrix != 0))) for matrix, mask in zip(matrices, masks,
+                                                                                               strict=True))
+        if newly_zeroed == 0:
+            ctx.warn(f"pass sparsify: pattern={self.pattern} with sparsity={self.options.sparsity:g} zeroed no "
+                     "weight (sparsity 0, blocks larger than the weights, or too low a sparsity for one block); the "
+                     "model is unchanged")
         settings = {"pattern": str(self.pattern), "sparsity": self.options.sparsity, "scope": self.options.scope}
         set_metadata(result, METADATA_KEY, json.dumps(settings))
         details = {
@@ -132,12 +140,14 @@ class Sparsify(Pass):
             else self.options.sparsity,
             "achieved_sparsity": round(zeros / total, 6),
             "layers": layers,
-            "skipped": skipped,
+            "skipped": [d.as_report() for d in skipped],
         }
         return PassResult(result, details)
 
 
-def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[list[Target], list[str]]:
+def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[list[Target], list[Decline]]:
+    """The weights to prune (one Target per initializer, with every node reading it) and a Decline per node left
+    alone."""
     initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
     by_initializer: dict[str, Target] = {}
     skipped = []
@@ -146,11 +156,12 @@ def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[li
             continue
         name = node.name or node.output[0]
         if exclude is not None and exclude.search(name):
-            skipped.append(f"{name}: excluded by pattern")
+            skipped.append(Decline(name, node.op_type, "excluded", "excluded by pattern"))
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
         if weight not in initializers:
-            skipped.append(f"{name}: weight {weight!r} is not an initializer (run cleanup to fold constants)")
+            skipped.append(Decline(name, node.op_type, "runtime-weight",
+                                   f"weight {weight!r} is not an initializer (run cleanup to fold constants)"))
             continue
         shape = initializers[weight]
         transposed = _transposed(node)
@@ -159,7 +170,8 @@ def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[li
             or (node.op_type == "Conv" and len(shape) < 3)
             or (node.op_type != "Conv" and len(shape) != 2)
         ):
-            skipped.append(f"{name}: {node.op_type} weight of shape {list(shape)} is not a plain matrix or filter bank")
+            skipped.append(Decline(name, node.op_type, "weight-shape",
+                                   f"weight of shape {list(shape)} is not a plain matrix or filter bank"))
             continue
         if weight in by_initializer:
             by_initializer[weight].nodes.append(name)

@@ -24,6 +24,7 @@ from passes.cleanup import cleanup_model
 from passes.graph.budget import Budget, CostModel, allocate
 from passes.graph.calibrated import DATA_CRITERIA, Phases, importance, remove_and_recover
 from passes.graph.data_scores import capture
+from passes.graph.edit import GraphEdit
 from passes.graph.fidelity import fidelity_summary, weight_counts
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, summary
@@ -48,12 +49,9 @@ def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     weights = {t.name for t in model.graph.initializer}
     if not any(value.name in weights for value in model.graph.input):
         return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [value for value in copy.graph.input if value.name not in weights]
-    del copy.graph.input[:]
-    copy.graph.input.extend(kept)
-    return copy
+    edit = GraphEdit(model)
+    edit.graph.inputs = [tensor for tensor in edit.graph.inputs if tensor.name not in weights]
+    return edit.to_model()
 
 
 def prepare(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
@@ -110,8 +108,10 @@ class StructuredSparse(Pass):
         round_to: int = option(1, "keep a multiple of this many channels in each group")
         min_channels: int = option(1, "keep at least this many channels in each group")
         exclude: str | None = option(None, "regex on the names of the nodes producing a group: matches are kept")
-        plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)")
-        plan_out: str | None = option(None, "write the plan (groups and kept channels) to this JSON file")
+        plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)",
+                                   file="read")
+        plan_out: str | None = option(None, "write the plan (groups and kept channels) to this JSON file",
+                                       file="write")
 
     def validate(self) -> None:
         o = self.options

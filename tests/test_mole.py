@@ -55,11 +55,10 @@ def test_conv_matrix_is_the_convolution(sample_shape, weight_shape, attrs):
 
 def _conv_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """ONNX Runtime's output of the Conv alone (the graph output moved to the Conv)."""
-    only_conv = onnx.ModelProto()
-    only_conv.CopyFrom(model)
-    del only_conv.graph.node[1:]
-    del only_conv.graph.output[:]
-    only_conv.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [None] * x.ndim))
+    graph = model.graph
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [None] * x.ndim)
+    only_conv = helper.make_model(helper.make_graph([graph.node[0]], "conv", graph.input, [output], graph.initializer),
+                                  opset_imports=model.opset_import)
     return run_ort(only_conv, {"x": x})["c"]
 
 

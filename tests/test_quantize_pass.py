@@ -210,7 +210,10 @@ def test_unfolded_batchnorm_warns_to_run_cleanup_first():
     bn = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("gamma", "beta", "mean", "var")]
     model.graph.initializer.extend(bn)
     model.graph.node[1].input[0] = "bn"
-    model.graph.node.insert(1, helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"]))
+    nodes = list(model.graph.node)
+    nodes[1:1] = [helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"])]
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
     ctx = PassContext(calibration=calibration(), calibration_is_random=False)
     run_quantize(_check(model), ctx)
     assert any("run the cleanup pass first" in w for w in ctx.warnings)
@@ -242,7 +245,8 @@ def test_quantizing_twice_declines_every_layer_and_changes_nothing():
 def test_excluded_and_unsupported_nodes_are_declined_with_reasons():
     model = conv_net()
     quantized, report = run_quantize(model, exclude="^head$")
-    assert {"node": "head", "op": "MatMul", "reason": "excluded by the exclude option"} in report["declined"]
+    assert {"node": "head", "op": "MatMul", "code": "excluded", "reason": "excluded by the exclude option"} \
+        in report["declined"]
     head = next(n for n in quantized.graph.node if n.name == "head")
     assert head.input[1] == "w4", "the excluded node keeps its float weight"
     graph = helper.make_graph(

@@ -9,7 +9,9 @@ metadata_props written:
   sculpt.<key>          anything passed in `metadata` (strings as they are, other values as JSON)
 
 Initializer names are the torch parameter names (BatchNorm is exported as a node, not folded, so its γ/β keep
-their names); a QAT weight becomes the int8 initializer "<param>_quantized" read by a DequantizeLinear.
+their names); a QAT weight becomes the int8 initializer "<param>_quantized" read by a DequantizeLinear. A QAT model
+in the bit-slice L1 authors' format (prepare_qat(magnitude_bits=8)) gets int16 codes in ±255 instead (sign plus
+8-bit magnitude; why int16: passes/quantize.py) and opset 21, the first with int16 DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
-from optimizer import quant
+from optimizer import keys, quant
 from optimizer.errors import ModelError, UsageError
 from optimizer.model import save_model, set_metadata
 from optimizer.quant import QUANT_METADATA_KEY
@@ -37,6 +38,7 @@ from optimizer.training.quantization import export_mode
 from optimizer.training.regularizers import SparsityRegularizer
 
 OPSET = 17
+INT16_OPSET = 21  # DequantizeLinear takes int16 from opset 21
 
 
 def export(
@@ -79,10 +81,8 @@ def export(
             )
     finally:
         module.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
-    _fold_constants(proto.graph)
-    _fold_weight_quantizers(proto)
-    _quantize_biases(proto.graph, quantization)
+    proto = _fold_exported(onnx.load_from_string(buffer.getvalue()), quantization)
+    proto = _dequantize_magnitude_weights(proto, quantization)
     _write_metadata(proto, _sculpt_metadata(proto, regularizer, quantization, metadata))
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -103,8 +103,8 @@ def _sculpt_metadata(
     initializers = {t.name for t in proto.graph.initializer}
     if regularizer is not None:
         description = regularizer.describe()
-        out["sculpt.regularizer"] = json.dumps(description["terms"])
-        out["sculpt.groups"] = json.dumps(_onnx_names(description["layers"], initializers))
+        out[keys.REGULARIZER] = json.dumps(description["terms"])
+        out[keys.GROUPS] = json.dumps(_onnx_names(description["layers"], initializers))
     if quantization:
         out[QUANT_METADATA_KEY] = json.dumps(_quant_metadata(quantization, initializers))
     for key, value in (extra or {}).items():
@@ -127,6 +127,8 @@ def _quant_metadata(quantization: dict, initializers: set[str]) -> dict:
                 "axis": 0 if info["weight_granularity"] == "channel" else None,
                 "frac_length": info["weight_frac_length"],
                 **{k: v for k, v in info.items() if k.startswith(("input_", "bias_"))},
+                **({"format": "sign-magnitude", "magnitude_bits": info["magnitude_bits"],
+                    "saturated": info["weight_saturated"]} if "magnitude_bits" in info else {}),
                 "granularity": info["weight_granularity"],
             }
     return {"version": 1, "scale": "dfp", "source": "qat", "weights": weights}
@@ -151,96 +153,114 @@ def _write_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
         set_metadata(proto, key, value)
 
 
-def _fold_constants(graph: onnx.GraphProto) -> None:
+def _fold_exported(proto: onnx.ModelProto, quantization: dict) -> onnx.ModelProto:
+    """Constants to initializers, weight quantizers to integer initializers, QAT biases to int32 codes; one
+    graph-edit session (passes.graph.edit), swept and sorted at the end."""
+    from passes.graph.edit import GraphEdit
+
+    edit = GraphEdit(proto)
+    _fold_constants(edit)
+    _fold_weight_quantizers(edit)
+    _quantize_biases(edit, quantization)
+    return edit.to_model()
+
+
+def _constant(tensor) -> np.ndarray | None:
+    import onnx_graphsurgeon as gs
+
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _fold_constants(edit) -> None:
     """Constant nodes and Cast(constant) -> initializers. The exporter writes every quantizer scale, zero point
     and clip bound that way; as initializers the QDQ pattern is the standard one that other tools read."""
-    for node in [n for n in graph.node if n.op_type == "Constant"]:
-        if node.attribute and node.attribute[0].name == "value":
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t),
-                                                             node.output[0]))
-            graph.node.remove(node)
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in [n for n in graph.node if n.op_type == "Cast" and n.input[0] in constants]:
-        to = next(a.i for a in node.attribute if a.name == "to")
-        value = constants[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        graph.node.remove(node)
-    _drop_unused(graph)
+    for node in [n for n in edit.graph.nodes if n.op == "Constant"]:
+        value = _constant(node.attrs.get("value"))
+        if value is not None:
+            edit.constant_node_to_initializer(node, value)
+    for node in [n for n in edit.graph.nodes if n.op == "Cast" and _constant(n.inputs[0]) is not None]:
+        value = _constant(node.inputs[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        edit.constant_node_to_initializer(node, value)
 
 
-def _fold_weight_quantizers(proto: onnx.ModelProto) -> None:
+def _fold_weight_quantizers(edit) -> None:
     """QuantizeLinear(float weight initializer) -> an int8 initializer holding the codes (optimizer.quant math).
 
     What is left is the standard QDQ weight form, int8 initializer -> DequantizeLinear, which the `bit-slice`
     pass and the ReRAM runtime read directly.
     """
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    constants = {name: numpy_helper.to_array(t) for name, t in initializers.items()}
-    folded = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[0]])
-        scale, zero_point = constants.get(node.input[1]), constants.get(node.input[2])
+    for node in [n for n in edit.graph.nodes if n.op == "QuantizeLinear" and _constant(n.inputs[0]) is not None]:
+        weight = _constant(node.inputs[0])
+        scale, zero_point = _constant(node.inputs[1]), _constant(node.inputs[2])
         if scale is None or zero_point is None or np.any(zero_point != 0) or zero_point.dtype != np.int8:
             raise ModelError(f"QuantizeLinear {node.name}: expected a constant scale and a zero int8 zero point")
         fl = -np.log2(scale.astype(np.float64))
         if not np.allclose(fl, np.round(fl)):
             raise ModelError(f"QuantizeLinear {node.name}: scale {scale} is not a power of two (not DFP)")
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = node.attrs.get("axis", 1)
         fl = np.round(fl).astype(np.int64)
         if fl.ndim == 1:
             fl = fl.reshape([-1 if i == axis % weight.ndim else 1 for i in range(weight.ndim)])
         codes = quant.quantize_dfp(weight, 8, fl).astype(np.int8)
-        name = f"{node.input[0]}_quantized"
-        graph.initializer.append(numpy_helper.from_array(codes, name))
-        folded.append((node, name))
-    for node, name in folded:
-        for consumer in graph.node:
-            for i, tensor in enumerate(consumer.input):
-                if tensor == node.output[0]:
-                    consumer.input[i] = name
-        graph.node.remove(node)
-    _drop_unused(graph)
+        edit.remove_node(node, edit.add_initializer(codes, f"{node.inputs[0].name}_quantized"))
 
 
-def _quantize_biases(graph: onnx.GraphProto, quantization: dict) -> None:
+def _quantize_biases(edit, quantization: dict) -> None:
     """A QAT layer's bias (already on its grid, see quantization.export_mode) -> int32 codes -> DequantizeLinear
     with scale 2^-(fl_in + fl_w), the bias form the `quantize` pass writes."""
-    initializers = {t.name: t for t in graph.initializer}
+    tensors = edit.graph.tensors()
     for layer, info in quantization.items():
         name = f"{layer}.bias"
-        if info["bias_frac_length"] is None or name not in initializers:
+        bias = _constant(tensors.get(name))
+        if info["bias_frac_length"] is None or bias is None:
             continue
         fl = np.asarray(info["bias_frac_length"], dtype=np.int64)
-        bias = numpy_helper.to_array(initializers[name]).astype(np.float64)
-        codes = np.rint(bias * np.exp2(fl))
+        codes = np.rint(bias.astype(np.float64) * np.exp2(fl))
         if np.abs(codes).max(initial=0) > quant.qmax(32):
             raise ModelError(f"layer {layer}: a bias code overflows int32 (bias too large for its grid)")
         per_channel = fl.ndim == 1
         scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
-        graph.initializer.extend([
-            numpy_helper.from_array(codes.astype(np.int32), f"{name}_quantized"),
-            numpy_helper.from_array(scale, f"{name}_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{name}_zero_point"),
-        ])
-        dequantize = onnx.helper.make_node(
-            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
-            name=f"{layer}/bias_DequantizeLinear", **({"axis": 0} if per_channel else {}),
-        )
-        readers = [n for n in graph.node if name in n.input]
-        for reader in readers:
-            reader.input[list(reader.input).index(name)] = f"{name}_dequantized"
-        graph.node.insert(min(list(graph.node).index(r) for r in readers), dequantize)
-    _drop_unused(graph)
+        inputs = [edit.add_initializer(codes.astype(np.int32), f"{name}_quantized"),
+                  edit.add_initializer(scale, f"{name}_scale"),
+                  edit.add_initializer(np.zeros(scale.shape, np.int32), f"{name}_zero_point")]
+        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
+        edit.replace_uses(tensors[name], dequantized)
+        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/bias_DequantizeLinear",
+                      attrs={"axis": 0} if per_channel else None)
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove initializers that nothing reads any more (after folding)."""
-    used = {tensor for node in graph.node for tensor in node.input} | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+def _dequantize_magnitude_weights(proto: onnx.ModelProto, quantization: dict) -> onnx.ModelProto:
+    """A sign-magnitude layer's weight (already on its deployed grid, see quantization.export_mode) -> int16 codes
+    "<layer>.weight_quantized" -> DequantizeLinear with scale 2^(s-m); the model moves to opset 21 first."""
+    layers = {layer: info for layer, info in quantization.items() if "magnitude_bits" in info}
+    if not layers:
+        return proto
+    from onnx import version_converter
+
+    from passes.graph.edit import GraphEdit
+
+    edit = GraphEdit(version_converter.convert_version(proto, INT16_OPSET))
+    tensors = edit.graph.tensors()
+    for layer, info in layers.items():
+        name = f"{layer}.weight"
+        weight = _constant(tensors.get(name))
+        if weight is None:
+            raise ModelError(f"layer {layer}: its weight {name} is not an initializer of the exported model")
+        fl = np.asarray(info["weight_frac_length"], dtype=np.int64)
+        per_channel = fl.ndim == 1
+        codes = np.rint(weight.astype(np.float64) * np.exp2(fl.reshape(-1, *[1] * (weight.ndim - 1)) if per_channel
+                                                            else fl))
+        if np.abs(codes).max(initial=0) >= 1 << info["magnitude_bits"]:
+            raise ModelError(f"layer {layer}: a weight code exceeds the {info['magnitude_bits']}-bit magnitude")
+        scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
+        inputs = [edit.add_initializer(codes.astype(np.int16), f"{name}_quantized"),
+                  edit.add_initializer(scale, f"{name}_scale"),
+                  edit.add_initializer(np.zeros(scale.shape, np.int16), f"{name}_zero_point")]
+        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
+        edit.replace_uses(tensors[name], dequantized)
+        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/weight_DequantizeLinear",
+                      attrs={"axis": 0} if per_channel else None)
+    return edit.to_model()
 
 
 class _CallableModule(types.ModuleType):

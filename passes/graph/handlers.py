@@ -35,6 +35,7 @@ from passes.graph.ops_layout import (
     TileHandler,
     TransposeHandler,
 )
+from passes.graph.ops_recurrent import GRUHandler, LSTMHandler, RNNHandler
 from passes.graph.ops_spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler, ShapeHandler, SizeHandler
 from passes.graph.ops_weights import ConvHandler, ConvTransposeHandler, GemmHandler, MatMulHandler
 
@@ -44,7 +45,7 @@ class UnsupportedHandler(Handler):
 
     def propagate(self, node: gs.Node, state: ChannelState) -> None:
         domain = f"{node.domain}::" if node.domain not in (None, "", "ai.onnx") else ""
-        state.block_node(node, f"{domain}{node.op} is not supported by the channel analysis")
+        state.block_node(node, f"{domain}{node.op} is not supported by the channel analysis", code="unsupported-op")
 
 
 UNSUPPORTED = UnsupportedHandler()
@@ -114,5 +115,8 @@ for _handler in (
     ReduceHandler(),
     ShapeHandler(),
     SizeHandler(),
+    LSTMHandler(),
+    GRUHandler(),
+    RNNHandler(),
 ):
     register_handler(_handler)

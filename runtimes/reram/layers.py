@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer.declines import Decline
+from optimizer.ort_session import ort_session
 from optimizer.quant import qmax
 from runtimes.reram.mapping import ConvGeometry
 
@@ -79,13 +81,6 @@ class LayerSpec:
         return sum(w.shape[1] for w in self.weights)
 
 
-@dataclass
-class Decline:
-    node: str
-    op_type: str
-    reason: str
-
-
 class Constants:
     """Values of tensors computable from initializers and Constant nodes alone (evaluated once, on demand)."""
 
@@ -110,7 +105,6 @@ class Constants:
         return self.values.get(name)
 
     def _evaluate(self, node: onnx.NodeProto, inputs: list) -> dict[str, np.ndarray]:
-        import onnxruntime as ort
 
         outputs = [o for o in node.output if o]
         graph = onnx.helper.make_graph(
@@ -120,10 +114,8 @@ class Constants:
         )
         model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version,
                                        functions=self.model.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session = ort_session(model, what=f"the constant inputs of {node.op_type} {node.name!r}")
             return dict(zip(outputs, session.run(outputs, {}), strict=True))
         except Exception as e:  # onnxruntime raises its own exception types
             raise _Declined(f"constant input of {node.op_type} {node.name!r} cannot be evaluated: {e}") from e
@@ -139,20 +131,21 @@ def find_layers(model: onnx.ModelProto, *, weight_bits: int) -> tuple[list[Layer
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         if node.op_type == "ConvTranspose":
-            declines.append(Decline(name, node.op_type, "transposed convolutions are not mapped (runs digitally)"))
+            declines.append(Decline(name, node.op_type, "not-mapped",
+                                    "transposed convolutions are not mapped (runs digitally)"))
         if node.op_type not in MAPPED_OPS or node.domain not in ("", "ai.onnx"):
             continue
         try:
             layer = _build(node, name, constants, weight_bits)
         except _Declined as reason:
-            declines.append(Decline(name, node.op_type, str(reason)))
+            declines.append(Decline(name, node.op_type, "not-mapped", str(reason)))
             continue
         layers.append(layer)
     return layers, declines
 
 
 class _Declined(Exception):
-    pass
+    """Raised deep in a layer's construction; find_layers turns it into the layer's Decline."""
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

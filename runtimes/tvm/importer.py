@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, first_line
 from optimizer.model import default_opset
 from runtimes.tvm.fold import fold_constants
 
@@ -65,18 +66,37 @@ def check_supported(model: onnx.ModelProto) -> None:
             )
 
 
+def specialise(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The model with its graph inputs fixed to `shapes` and every shape subgraph folded into constants
+    (optimizer.normalize.fold_shapes): TVM's importer then sees static Reshape targets and ConstantOfShape sizes."""
+    from optimizer.normalize import fold_shapes, has_foldable_nodes
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name not in shapes:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shapes[value.name], strict=False):
+            dim.Clear()
+            dim.dim_value = int(size)
+    return fold_shapes(fixed) if has_foldable_nodes(fixed.graph) else fixed
+
+
 def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     """Relax module with the given input shapes; weights become constants and constant subgraphs are folded."""
+    model = specialise(model, shapes)
     check_supported(model)
     dtypes = {spec.name: spec.dtype for spec in input_specs(model)}
     importer = _naming_importer({name: list(shape) for name, shape in shapes.items()}, dtypes)
     opset = default_opset(model)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints to stdout before re-raising
-            mod = importer.from_onnx(model.graph, opset)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Renaming name X to input_X": the importer's bookkeeping, not ours
+            mod = importer.from_onnx(model.graph, opset)  # it prints to stdout before re-raising
     except Exception as e:  # the importer raises assorted Python and TVM errors
         where = importer.current or "the model"
-        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {_first_line(e)}") from e
+        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {first_line(e)}") from e
     return fold_constants(mod)
 
 
@@ -94,10 +114,6 @@ def _naming_importer(shapes: dict[str, list[int]], dtypes: dict[str, str]):
 
     return NamingImporter(shapes, dtypes, keep_params_in_input=False, sanitize=True)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shapes_for(model: onnx.ModelProto, batch: int | None) -> dict[str, tuple[int, ...]] | None:
