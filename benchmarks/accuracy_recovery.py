@@ -8,7 +8,7 @@ original and pruned side by side) and the pass's seconds. Prints a table; assert
 
     .venv/bin/python benchmarks/accuracy_recovery.py                  # the digits models (seconds each)
     .venv/bin/python benchmarks/accuracy_recovery.py --real ocr_rec   # PP-OCRv4 rec (pip install .[bench])
-    .venv/bin/python benchmarks/accuracy_recovery.py --real minilm --budgets 0.7
+    .venv/bin/python benchmarks/accuracy_recovery.py --real minilm --budgets 0.7 --embeddings exclude
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.8,0.7,0.6")
     parser.add_argument("--grid", default="all", help="all, or comma list like l1:none,reconstruction:lsq")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--embeddings", default="count", help="keep_params counts embedding tables, or exclude")
     args = parser.parse_args()
     import torch
 
@@ -104,7 +105,8 @@ def main() -> None:
               flush=True)
         for budget in budgets:
             for criterion, recover in grid:
-                options = {"keep_params": budget, "criterion": criterion, "recover": recover}
+                options = {"keep_params": budget, "criterion": criterion, "recover": recover,
+                           "embeddings": args.embeddings}
                 print(run_one(task, options, reference, base, args.rounds), flush=True)
 
 
