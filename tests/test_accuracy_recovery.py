@@ -177,3 +177,42 @@ def test_too_few_calibration_rows_fall_back_to_ridge_with_a_warning(digits_asset
     details = json.loads(report.read_text())["passes"][0]["details"]
     gemm = [r for r in details["recovery"] if r["op"] == "Gemm" and r["rows"] < r["unknowns"]]
     assert gemm and all(r["ridge"] >= 1e-2 and r["error_after"] <= r["error_before"] for r in gemm)
+
+
+def _linear_pair(kind: str, rng) -> tuple[onnx.ModelProto, dict]:
+    """x[n, 6] -> (Gemm transB=1 | MatMul + Add bias) -> 8 features whose last two are small linear combinations
+    of the others -> a second layer of the same kind -> y[n, 4]."""
+    w1 = rng.standard_normal((6, 8)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    mix = 0.05 * rng.standard_normal((6, 2))
+    w1[:, 6:] = w1[:, :6] @ mix
+    b1[6:] = b1[:6] @ mix
+    w2 = rng.standard_normal((8, 4)).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    if kind == "gemm":
+        nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+                 helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], name="fc2", transB=1)]
+        inits = [(w1.T.copy(), "w1"), (b1, "b1"), (w2.T.copy(), "w2"), (b2, "b2")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+                 helper.make_node("Add", ["b1", "m1"], ["h"], name="bias1"),
+                 helper.make_node("MatMul", ["h", "w2"], ["m2"], name="fc2"),
+                 helper.make_node("Add", ["m2", "b2"], ["y"], name="bias2")]
+        inits = [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(a, n) for a, n in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, {"x": rng.standard_normal((64, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("kind", ["gemm", "matmul"])
+def test_lsq_reproduces_gemm_and_matmul_consumers_of_redundant_features(kind):
+    rng = np.random.default_rng(2)
+    model, calibration = _linear_pair(kind, rng)
+    new, details, _ = _run_pass(model, calibration, ratio=0.25, criterion="l1")
+    assert [g["kept"] for g in details["groups"] if g["status"] == "pruned"] == [[0, 1, 2, 3, 4, 5]]
+    test = {"x": rng.standard_normal((16, 6)).astype(np.float32)}
+    ref, out = _outputs(model, test), _outputs(new, test)
+    assert np.abs(ref - out).max() / np.abs(ref).max() <= 1e-4
+    assert [r["node"] for r in details["recovery"]] == ["fc2"]

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer.declines import Decline
 from passes.graph import activations
 from passes.graph.linear import LinearLayer, layer_from_node, row_sample
 
@@ -93,12 +94,12 @@ class Fitted:
     error_before: float | None = None  # relative: ||Y_pruned - Y_orig|| / ||Y_orig|| on the calibration data
     error_after: float | None = None
     ridge: float = RIDGE
-    skipped: str | None = None
+    skipped: Decline | None = None
 
     def entry(self) -> dict:
         out = {"node": self.node, "op": self.op, "rows": self.rows, "unknowns": self.unknowns}
         if self.skipped:
-            out["skipped"] = self.skipped
+            out["skipped"] = self.skipped.as_report()
         else:
             out.update(error_before=round(self.error_before, 6), error_after=round(self.error_after, 6),
                        ridge=self.ridge)
@@ -123,9 +124,9 @@ def _editable(pruned: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProt
     targets, skipped = {}, []
     for name in names:
         node = by_name.get(name)
-        reason = _unfit_reason(node, view)
+        reason = _unfit_reason(name, node, view)
         if reason:
-            skipped.append(Fitted(name, node.op if node is not None else "?", 0, 0, skipped=reason))
+            skipped.append(Fitted(name, reason.op, 0, 0, skipped=reason))
             continue
         view.replace_constant(node, 1, view.input_constant(node, 1))
         target = node.outputs[0]
@@ -150,29 +151,36 @@ def _editable(pruned: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProt
     for name, (target, bias) in targets.items():
         layer = layer_from_node(model, nodes[name], target, bias)
         if layer is None:
-            skipped.append(Fitted(name, nodes[name].op_type, 0, 0, skipped="its weight is not an initializer"))
+            op = nodes[name].op_type
+            skipped.append(Fitted(name, op, 0, 0, skipped=Decline(name, op, "weight-not-initializer",
+                                                                  "its weight is not an initializer")))
         else:
             layers.append(layer)
     return model, layers, skipped
 
 
-def _unfit_reason(node, view) -> str | None:
+def _unfit_reason(name: str, node, view) -> Decline | None:
+    """Why a layer cannot be refitted (a Decline for the report), or None when it can."""
     if node is None:
-        return "not found in the pruned model"
+        return Decline(name, "?", "not-found", "not found in the pruned model")
+
+    def no(code: str, why: str) -> Decline:
+        return Decline(name, node.op, code, why)
+
     if node.op not in ("Conv", "Gemm", "MatMul"):
-        return f"{node.op} is not refitted (only Conv, Gemm and MatMul with a constant weight)"
+        return no("op-not-refitted", f"{node.op} is not refitted (only Conv, Gemm and MatMul with a constant weight)")
     weight = view.input_constant(node, 1)
     if weight is None or view.constant(node.inputs[0]) is not None:
-        return "its weight is not a constant second input"
+        return no("weight-not-second-input", "its weight is not a constant second input")
     if node.op == "MatMul" and weight.ndim != 2:
-        return "its constant operand is not a 2-D matrix"
+        return no("weight-not-matrix", "its constant operand is not a 2-D matrix")
     if node.op == "Gemm" and view.has_input(node, 2):
         c = view.input_constant(node, 2)
         n = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
         if c is None or c.size not in (1, n) or node.attrs.get("beta", 1.0) == 0:
-            return "its C operand is not a per-column constant"
+            return no("bias-not-per-column", "its C operand is not a per-column constant")
     if view.is_graph_input(node.inputs[0]):
-        return "its input is a graph input (nothing upstream changed)"
+        return no("input-unchanged", "its input is a graph input (nothing upstream changed)")
     return None
 
 
