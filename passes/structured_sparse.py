@@ -34,6 +34,7 @@ from passes.graph.prune import kept_counts
 from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
 
 NAME = "structured-sparse"
+MAX_DROP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
 
@@ -71,6 +72,20 @@ def prepare(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
     return cleaned
 
 
+@dataclass
+class Attempt:
+    """One selection + removal + recovery: what the report is built from."""
+
+    analysis: Analysis
+    decisions: list[Decision]
+    estimate: float | None
+    counts: dict
+    model: onnx.ModelProto
+    notes: dict
+    recovery: object
+    budget: tuple[str, float] | None
+
+
 @register
 class StructuredSparse(Pass):
     name = NAME
@@ -98,6 +113,8 @@ class StructuredSparse(Pass):
         keep_params: float | None = option(None, "keep this fraction of the model's weights (0 < F <= 1): per-group "
                                                  "cuts chosen globally by sensitivity")
         keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1)")
+        max_drop: float | None = option(None, "with --eval labels: the largest keep_params cut (tried from 0.9 down to "
+                                              "0.2) whose top-1 drop is at most this many points")
         embeddings: Literal["count", "exclude"] = option(
             "count", "whether keep_params counts embedding tables (Gather data, which channel pruning cannot shrink "
                      "along the vocabulary) among the model's weights")
@@ -127,6 +144,11 @@ class StructuredSparse(Pass):
                                  "60%)")
         if o.keep_params is not None and o.keep_macs is not None:
             raise UsageError(f"pass {NAME}: give keep_params or keep_macs, not both")
+        if o.max_drop is not None:
+            if not isinstance(o.max_drop, (int, float)) or not o.max_drop >= 0:
+                raise UsageError(f"pass {NAME}: option max_drop={o.max_drop!r} must be a number of points >= 0")
+            if o.keep_params is not None or o.keep_macs is not None:
+                raise UsageError(f"pass {NAME}: max_drop chooses keep_params itself; drop keep_params/keep_macs")
         if (o.keep_params is not None or o.keep_macs is not None) and o.criterion == "zero":
             raise UsageError(f"pass {NAME}: criterion=zero removes only exact channels; it takes no keep_params/"
                              "keep_macs budget")
@@ -174,27 +196,28 @@ class StructuredSparse(Pass):
         with phases("analysis"):
             prepared = prepare(model)
             analysis = analyze(prepared)
-            needs_grams = criterion == "reconstruction" or self._budget() is not None
-            stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) if feeds is not None \
-                else (None, [], None)
+            budgeted = self._budget() is not None or o.max_drop is not None
+            needs_grams = criterion == "reconstruction" or budgeted
+            uses_data = criterion in DATA_CRITERIA or budgeted
+            stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) \
+                if feeds is not None and uses_data else (None, [], None)
         with phases("selection"):
             scored, sens = importance(analysis, criterion, model, stats, grams)
             scores = {gid: s for gid, (s, _) in scored.items()}
-            decisions, estimate = self._decide(analysis, scores, sens, ctx, model)
-        removed = removed_roots(decisions)
-        counts = kept_counts(analysis, removed)
         params_before = count_params(model)
-        recovery = None
-        if removed:
-            with phases("recovery" if recover_mode != "none" else "removal"):
-                new_model, notes, recovery = remove_and_recover(analysis, removed, feeds, recover_mode, o.ridge,
-                                                                o.recovery_stages)
-            for text in recovery.warnings if recovery is not None else []:
-                ctx.warn(f"pass {NAME}: {text}")
+        tried = None
+        if o.max_drop is not None:
+            attempt, tried = self._search_max_drop(prepared, scores, sens, ctx, model, feeds, recover_mode, phases)
         else:
-            new_model, notes = self._unchanged(model), {}
+            attempt = self._attempt(analysis, scores, sens, ctx, model, feeds, recover_mode, phases, self._budget())
+        analysis, decisions, estimate, counts = attempt.analysis, attempt.decisions, attempt.estimate, attempt.counts
+        new_model, notes, recovery = attempt.model, attempt.notes, attempt.recovery
+        for text in recovery.warnings if recovery is not None else []:
+            ctx.warn(f"pass {NAME}: {text}")
         details = self._report(analysis, decisions, scored, counts, notes)
         details.update(criterion=criterion, recover=recover_mode)
+        if tried is not None:
+            details["max_drop"] = {"points": o.max_drop, "tried": tried}
         details["summary"].update(
             params_before=params_before,
             params_after=count_params(new_model),
@@ -202,7 +225,7 @@ class StructuredSparse(Pass):
             phases=phases.rounded(),
         )
         details["summary"].update(fidelity_summary(model, prepared, new_model, feeds, ctx.evaluation, estimate,
-                                                    self._budget(), reference, o.embeddings == "count"))
+                                                    attempt.budget, reference, o.embeddings == "count"))
         if recovery is not None:
             details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
@@ -213,6 +236,57 @@ class StructuredSparse(Pass):
             artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
         return PassResult(new_model, details, artifacts)
 
+    def _attempt(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
+                 feeds, recover_mode: str, phases: Phases, wanted: tuple[str, float] | None) -> Attempt:
+        """Select (by ratio or the budget `wanted`), remove and recover on `analysis` (which it consumes)."""
+        with phases("selection"):
+            decisions, estimate = self._decide(analysis, scores, sens, ctx, model, wanted)
+        removed = removed_roots(decisions)
+        counts = kept_counts(analysis, removed)
+        if not removed:
+            return Attempt(analysis, decisions, estimate, counts, self._unchanged(model), {}, None, wanted)
+        with phases("recovery" if recover_mode != "none" else "removal"):
+            pruned, notes, recovery = remove_and_recover(analysis, removed, feeds, recover_mode, self.options.ridge,
+                                                         self.options.recovery_stages)
+        return Attempt(analysis, decisions, estimate, counts, pruned, notes, recovery, wanted)
+
+    def _search_max_drop(self, prepared, scores, sens, ctx, model, feeds, recover_mode, phases
+                         ) -> tuple[Attempt, list[dict]]:
+        """Bisect keep_params over MAX_DROP_GRID for the largest cut within max_drop points on --eval."""
+        from passes.graph.fidelity import top1
+
+        evaluation = ctx.evaluation
+        if evaluation is None or "labels" not in evaluation:
+            raise UsageError(f"pass {NAME}: option max_drop needs --eval data with labels")
+        inputs = {k: v for k, v in evaluation.items() if k != "labels"}
+        base = top1(model, inputs, evaluation["labels"])
+        tried, results = [], {}
+
+        def trial(index: int) -> bool:
+            fraction = MAX_DROP_GRID[index]
+            attempt = self._attempt(analyze(prepared), scores, sens, ctx, model, feeds, recover_mode, phases,
+                                    ("params", fraction))
+            accuracy = top1(attempt.model, inputs, evaluation["labels"])
+            drop = round(100 * (base - accuracy), 4)
+            tried.append({"keep_params": fraction, "weights_kept": round(count_params(attempt.model) /
+                                                                         max(count_params(model), 1), 4),
+                          "top1": round(accuracy, 6), "drop_points": drop})
+            results[index] = attempt
+            return drop <= self.options.max_drop
+
+        low, high, best = 0, len(MAX_DROP_GRID) - 1, None  # grid runs from the mildest cut to the deepest
+        while low <= high:
+            middle = (low + high) // 2
+            if trial(middle):
+                best, low = middle, middle + 1
+            else:
+                high = middle - 1
+        if best is None:
+            ctx.warn(f"pass {NAME}: even keep_params={MAX_DROP_GRID[0]} drops more than "
+                     f"max_drop={self.options.max_drop} points; the mildest cut tried is written")
+            best = 0 if 0 in results else min(results)
+        return results[best], tried
+
     def _budget(self) -> tuple[str, float] | None:
         o = self.options
         if o.keep_params is not None:
@@ -221,15 +295,14 @@ class StructuredSparse(Pass):
             return "macs", float(o.keep_macs)
         return None
 
-    def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto
-                ) -> tuple[list[Decision], float | None]:
+    def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
+                wanted: tuple[str, float] | None) -> tuple[list[Decision], float | None]:
         o = self.options
         if self._plan is not None:
             return decisions_from_plan(analysis, self._plan, o.plan, scores), None
         excluded = self._excluded(analysis, ctx)
         exact = o.criterion == "zero"
         targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=exact)
-        wanted = self._budget()
         if wanted is None:
             return choose(analysis, scores, targets, excluded), None
         metric, fraction = wanted

@@ -216,3 +216,26 @@ def test_lsq_reproduces_gemm_and_matmul_consumers_of_redundant_features(kind):
     ref, out = _outputs(model, test), _outputs(new, test)
     assert np.abs(ref - out).max() / np.abs(ref).max() <= 1e-4
     assert [r["node"] for r in details["recovery"]] == ["fc2"]
+
+
+def test_max_drop_takes_the_largest_cut_within_the_points(digits_assets):
+    model = onnx.load(digits_assets.model)
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:128]}
+    evaluation = dict(np.load(digits_assets.eval))
+    ctx = PassContext(calibration=calibration, calibration_is_random=False, evaluation=evaluation)
+    new, details = StructuredSparse(StructuredSparse.Options(max_drop=1.0)).run(model, ctx)
+    tried = details["max_drop"]["tried"]
+    assert len(tried) >= 2
+    ok = [t for t in tried if t["drop_points"] <= 1.0]
+    assert ok and all(t["drop_points"] > 1.0 for t in tried if t["keep_params"] < min(o["keep_params"] for o in ok))
+    chosen = min(ok, key=lambda t: t["keep_params"])
+    base = _accuracy(model, evaluation)
+    assert abs(100 * (base - _accuracy(new, evaluation)) - chosen["drop_points"]) < 1e-3  # rounded to 4 places
+    assert details["summary"]["weights_kept"] == chosen["weights_kept"]
+
+
+def test_max_drop_without_labels_is_a_usage_error(digits_assets, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, errors, _ = _cli([str(digits_assets.model), "--pass", "structured-sparse:max_drop=1", "-o", str(out),
+                            "--calibration", str(digits_assets.calibration)], capsys)
+    assert code == 2 and len(errors) == 1 and "max_drop needs --eval data with labels" in errors[0]

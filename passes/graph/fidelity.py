@@ -39,6 +39,12 @@ def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
     return {n: np.concatenate([c[n] for c in chunks]) for n in names}
 
 
+def top1(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    """Top-1 accuracy of the model's first output on `inputs` (fed in chunks the model accepts)."""
+    logits = next(iter(_outputs(model, inputs).values()))
+    return float(np.mean(logits.reshape(len(logits), -1).argmax(-1) == labels.reshape(-1)[:len(logits)]))
+
+
 def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
     """Cosine (per sample, averaged, worst output) and top-1 agreement (first output with classes)."""
     cosines, top1 = [], None
