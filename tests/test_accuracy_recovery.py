@@ -239,3 +239,19 @@ def test_max_drop_without_labels_is_a_usage_error(digits_assets, tmp_path, capsy
     code, errors, _ = _cli([str(digits_assets.model), "--pass", "structured-sparse:max_drop=1", "-o", str(out),
                             "--calibration", str(digits_assets.calibration)], capsys)
     assert code == 2 and len(errors) == 1 and "max_drop needs --eval data with labels" in errors[0]
+
+
+def test_sensitivity_runs_the_pass_algorithm_with_recovery(digits_assets):
+    from optimizer.sensitivity import sensitivity
+
+    model = onnx.load(digits_assets.model)
+    evaluation = dict(np.load(digits_assets.eval))
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:128]}
+    plain = sensitivity(model, evaluation, ratios=(0.75,))
+    refit = sensitivity(model, evaluation, ratios=(0.75,), calibration=calibration)
+    assert (plain["criterion"], plain["recover"]) == ("l1", "none")
+    assert (refit["criterion"], refit["recover"]) == ("reconstruction", "lsq")
+    drops = {name: {r["name"]: r["ratios"]["0.75"]["drop"] for r in result["groups"]}
+             for name, result in (("plain", plain), ("refit", refit))}
+    assert drops["plain"].keys() == drops["refit"].keys()
+    assert sum(drops["refit"].values()) < sum(drops["plain"].values())
