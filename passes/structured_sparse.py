@@ -315,6 +315,10 @@ class StructuredSparse(Pass):
 
         prepared = analysis.view.source  # MACs of the input are counted once its Constant-node weights are folded
         budget = Budget(metric, fraction, count(model) if metric == "params" else count(prepared), count(prepared))
+        if not budget.total:
+            what = "MACs" if metric == "macs" else "weights"
+            raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs need "
+                             "static shapes: give the inputs fixed spatial dims)")
         cost = CostModel(analysis, embeddings=o.embeddings == "count")
         decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, cost,
                                        budget, lambda ds: finish(analysis, ds, targets), o.min_channels)

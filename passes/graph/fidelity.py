@@ -72,7 +72,8 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
         "weights_kept": round(after / before, 4) if before else 1.0,
         "weights_kept_without_embeddings": round((after - after_embed) / (before - before_embed), 4)
         if before > before_embed else 1.0,
-        "macs_kept": round(macs_after / macs_before, 4) if macs_before else 1.0,
+        # None when no MAC can be counted (dynamic spatial dims leave the layers' output shapes unknown)
+        "macs_kept": round(macs_after / macs_before, 4) if macs_before else None,
     }
     if budget is not None:
         metric, fraction = budget
