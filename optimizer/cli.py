@@ -34,7 +34,7 @@ def cli():
     \b
     optimize MODEL --pass NAME[:key=value,...] [--pass ...] -o OUT    run passes, verified after each one
     optimize passes                                                   list passes and their options
-    optimize inspect | run | bench | compare | sensitivity | tune | reram-sweep   see `optimize COMMAND --help`
+    optimize inspect | run | bench | compare | sensitivity | sweep | tune | reram-sweep   see `optimize COMMAND --help`
     """
 
 
@@ -329,6 +329,27 @@ def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
     print_sensitivity(result)
 
 
+@cli.command("sweep")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="points at a time: 1 runs here without Ray, N starts a local Ray with N CPUs")
+@click.option("--address", help="join a running Ray cluster (e.g. 10.0.0.5:6379) instead of starting one")
+@click.option("--report", type=click.Path(dir_okay=False), help="write every point's result as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write the Pareto front as PNG")
+@_debug_option
+def sweep_cmd(spec, workers, address, report, plot, debug):
+    """Run the pipeline over the product of SPEC's axes (YAML): a table by objective, a Pareto front.
+
+    Exit code 1 when a point failed (the others still run and are reported), 130 after Ctrl-C (the finished
+    points are written).
+    """
+    from optimizer.sweep.command import sweep_command
+
+    code = sweep_command(spec, workers=workers, address=address, report=report, plot=plot)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
 @cli.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--trials", type=int, required=True, help="measured candidates in total (MetaSchedule)")
@@ -374,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="optimize", standalone_mode=False)
+        code = cli.main(args=args, prog_name="optimize", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
@@ -396,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # click returns a command's Exit code instead of raising it
 
 
 if __name__ == "__main__":
