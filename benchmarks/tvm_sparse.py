@@ -32,6 +32,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimizer.timing import interleaved_ms  # noqa: E402
 from passes import PassContext  # noqa: E402
 from passes.sparsify import Sparsify  # noqa: E402
 
@@ -144,31 +145,7 @@ def sparsify(model: onnx.ModelProto, name: str, sparsity: float, block: str) -> 
     if sparsity == 0:
         return model
     options = Sparsify.Options(sparsity=sparsity, pattern=block, exclude=EXCLUDE[name])
-    return Sparsify(options).run(model, PassContext())[0]
-
-
-def interleaved_ms(functions, seconds: float, burst_s: float = 0.05) -> list[float]:
-    """Per function: the fastest single call, the functions taking turns in bursts until `seconds` have passed.
-
-    On a shared host the minimum is the estimate least disturbed by other processes; taking turns exposes every
-    function to the same load. Bursts (and dropping each burst's first call) keep one runtime's thread pool,
-    still spinning after its last call, from slowing the other's first call.
-    """
-    best = [float("inf")] * len(functions)
-    deadline = time.perf_counter() + seconds
-    rounds = 0
-    while time.perf_counter() < deadline or rounds < 3:
-        for i, function in enumerate(functions):
-            burst_end = time.perf_counter() + burst_s
-            calls = 0
-            while calls < 2 or time.perf_counter() < burst_end:
-                start = time.perf_counter()
-                function()
-                if calls:
-                    best[i] = min(best[i], time.perf_counter() - start)
-                calls += 1
-        rounds += 1
-    return [b * 1e3 for b in best]
+    return Sparsify(options).run(model, PassContext()).model
 
 
 def run_case(model, name, sparsity, block, batch, threads, seconds, cache_dir) -> dict:

@@ -26,7 +26,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tvm_sparse import interleaved_ms  # noqa: E402
+from optimizer.timing import interleaved_ms  # noqa: E402
 
 MELS = 30
 DENSE_CHANNELS = (512, 512, 512, 512, 1500)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
 from optimizer.errors import RuntimeFailure, UsageError
 from optimizer.model import metadata_value
 
@@ -76,8 +77,13 @@ class ProbeSession:
             raise RuntimeFailure(f"onnxruntime cannot load the model: {_first_line(e)}") from e
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self.batch = fixed_batch(graph_inputs(model))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs and probes by name; more samples than a fixed batch are fed in chunks (data.feed_in_chunks)."""
+        return feed_in_chunks(self._run_once, feeds, self.batch)
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise UsageError(f"no data for model input {missing[0]!r}; inputs given: {', '.join(feeds) or '(none)'}")

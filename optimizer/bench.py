@@ -18,6 +18,7 @@ import psutil
 import runtimes
 from optimizer.data import check_feeds, random_inputs, split_labels
 from optimizer.errors import UsageError
+from optimizer.timing import set_thread_env
 
 
 @dataclass
@@ -52,12 +53,6 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
-
-
-def set_thread_env(threads: int) -> None:
-    """Fix the thread count of every library a runtime may use, before any of them starts its pool."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def bench(

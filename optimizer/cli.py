@@ -8,6 +8,7 @@ Without --debug a failure is one line on stderr; with --debug the traceback foll
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import click
 
 from optimizer.errors import SculptError, UsageError
+
+DEFAULT_GATE_MIN = 1.1
 
 
 class DefaultToApply(click.Group):
@@ -67,9 +70,13 @@ def _write_json(path: str | None, payload: dict) -> None:
 @click.option("--seed", type=int, default=None, help="seed for random choices and random inputs [0]")
 @click.option("--batch", type=int, default=1, show_default=True, help="batch size for random inputs")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="write the structured-sparse plan as JSON")
+@click.option("--gate", type=click.Choice(["ort", "tvm"]), help="measure the speedup on this runtime (fixed threads)")
+@click.option("--gate-min", type=float, default=None,
+              help="least speedup a pass that claims one must deliver, else exit 1 [1.1]; 0: only report")
+@click.option("--gate-threads", type=int, default=1, show_default=True, help="threads for the --gate measurement")
 @_debug_option
 def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, tolerance, report, seed, batch, plan_out,
-              debug):
+              gate, gate_min, gate_threads, debug):
     """Run passes on MODEL and write the result to OUT."""
     from optimizer.console import print_pipeline_report, progress_printer
     from optimizer.data import load_npz
@@ -85,10 +92,11 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         raise UsageError("no passes given; use --pass NAME or --recipe FILE.yaml (see `optimize passes`)")
     pass_objects = [build_pass(spec) for spec in specs]
     if plan_out:
-        planners = [p for p in pass_objects if p.name == "structured-sparse"]
+        planners = [i for i, p in enumerate(pass_objects) if p.name == "structured-sparse"]
         if len(planners) != 1:
             raise UsageError("--plan-out needs exactly one structured-sparse pass in the pipeline")
-        planners[0].options.plan_out = plan_out
+        planner = pass_objects[planners[0]]
+        pass_objects[planners[0]] = type(planner)(dataclasses.replace(planner.options, plan_out=plan_out))
     out_path = Path(output)
     _require_directory(output, "output")
     if Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
@@ -110,6 +118,9 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         tolerance=tolerance if tolerance is not None else settings.get("tolerance", 1e-4),
         seed=seed if seed is not None else settings.get("seed", 0),
         batch=batch,
+        gate=gate,
+        gate_min=_gate_min(gate, gate_min),
+        gate_threads=gate_threads,
         on_pass=progress_printer(),
     )
     save_model(result, output, external=external or None)
@@ -118,6 +129,12 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     _write_json(report, pipeline_report)
     print_pipeline_report(pipeline_report)
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _gate_min(gate: str | None, gate_min: float | None) -> float | None:
+    if gate_min is not None and gate is None:
+        raise UsageError("--gate-min needs --gate ort or --gate tvm")
+    return (DEFAULT_GATE_MIN if gate_min is None else gate_min) if gate else None
 
 
 @cli.command("passes")

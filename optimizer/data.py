@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.errors import UsageError
+from optimizer.errors import RuntimeFailure, UsageError
 
 LABELS = "labels"
 
@@ -96,7 +96,10 @@ def check_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str)
         if array.ndim != len(dims):
             raise UsageError(f"{where}: array {value.name!r} has shape {list(array.shape)}, the model expects "
                              f"rank {len(dims)} ({_describe_dims(dims)})")
+        chunked_axis = 0 if fixed_batch(inputs) is not None else None  # fed in chunks of the fixed batch
         for axis, (size, dim) in enumerate(zip(array.shape, dims, strict=True)):
+            if axis == chunked_axis:
+                continue
             if dim.HasField("dim_value") and dim.dim_value > 0 and size != dim.dim_value:
                 raise UsageError(f"{where}: array {value.name!r} has shape {list(array.shape)}, the model expects "
                                  f"{_describe_dims(dims)} (axis {axis})")
@@ -120,3 +123,60 @@ def batches(feeds: dict[str, np.ndarray], size: int):
     n = len(next(iter(feeds.values())))
     for start in range(0, n, size):
         yield {k: v[start:start + size] for k, v in feeds.items()}
+
+
+def fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
+    """The batch size that the model's inputs fix on axis 0, or None when it is open (or the inputs disagree).
+
+    The batch axis is axis 0 of the inputs of rank >= 2 (of rank 1 when there are none): rank-0 and rank-1
+    side inputs (lengths, thresholds) carry no batch. `graph_inputs(model)` gives the inputs:
+
+        >>> fixed_batch(graph_inputs(model))   # input "x": float[1, 128]
+        1
+    """
+    ranked = [v.type.tensor_type.shape.dim for v in inputs if v.type.tensor_type.HasField("shape")]
+    batched = [dims for dims in ranked if len(dims) >= 2] or [dims for dims in ranked if len(dims) == 1]
+    sizes = set()
+    for dims in batched:
+        if not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def feed_in_chunks(run, feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
+    """`run(feeds)`, fed in chunks of `batch` samples when the model fixes its batch and the feeds hold another count.
+
+    A model exported with a fixed batch (say 1) accepts exactly that many samples per call; calibration and
+    evaluation data usually hold more. The sample count is the longest axis 0 among the feeds; arrays with that
+    many rows are sliced along it (a short last chunk is padded by repeating its last sample, and the padding's
+    outputs dropped); other arrays (thresholds, lengths) go whole to every call. Outputs are concatenated
+    along axis 0. `batch=None` (open batch axis) calls `run` once.
+
+        >>> outputs = feed_in_chunks(session.run, {"x": np.zeros((32, 128), np.float32)}, batch=1)
+        >>> outputs["y"].shape      # 32 calls of one sample each
+        (32, 10)
+
+    Raises RuntimeFailure when an output has no batch axis to concatenate along.
+    """
+    count = max((len(v) for v in feeds.values() if np.ndim(v)), default=0)
+    if batch is None or count in (0, batch):
+        return run(feeds)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, count, batch):
+        chunk = {k: _pad_chunk(v[start:start + batch], batch) if np.ndim(v) and len(v) == count else v
+                 for k, v in feeds.items()}
+        for name, value in run(chunk).items():
+            if np.ndim(value) == 0 or len(value) != batch:
+                raise RuntimeFailure(
+                    f"output {name!r} has shape {list(np.shape(value))}, not batch-first: cannot feed {count} samples "
+                    f"to a model with a fixed batch of {batch}; give exactly {batch} samples"
+                )
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values)[:count] for name, values in parts.items()}
+
+
+def _pad_chunk(array: np.ndarray, batch: int) -> np.ndarray:
+    if len(array) == batch:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], batch - len(array), axis=0)])

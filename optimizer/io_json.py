@@ -52,6 +52,12 @@ def write_json(path: str | os.PathLike, payload) -> None:
         Path(tmp).write_text(text + "\n")
 
 
+def write_bytes(path: str | os.PathLike, content: bytes) -> None:
+    """Write `content` to `path` atomically (the file appears whole or not at all)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(content)
+
+
 def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to `path`, atomically (the file appears whole or not at all)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -18,6 +18,7 @@ random (D/kappa)² block, which makes the Aug-Conv matrix block-sparse and cheap
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -170,20 +171,33 @@ def aug_conv_matrix(key: MorphKey, conv: ConvGeometry) -> np.ndarray:
     return np.asarray((conv_matrix(conv).T @ key.inverse().T).T)
 
 
+def key_arrays(key: MorphKey) -> dict[str, np.ndarray]:
+    """The arrays of a key file (.npz), as `save_key` writes them."""
+    return {"block": key.block, "input_name": np.array(key.input_name), "sample_shape": np.array(key.sample_shape),
+            "kind": np.array(key.kind), "pads": np.array(key.pads, dtype=np.int64).reshape(-1, 2),
+            "kappa": np.array(key.kappa), "dtype": np.array(key.dtype)}
+
+
+def key_bytes(key: MorphKey) -> bytes:
+    """The key file's content (.npz): what the mole pass hands the pipeline to write as its key artifact."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **key_arrays(key))
+    return buffer.getvalue()
+
+
 def save_key(key: MorphKey, path: str | os.PathLike) -> None:
-    write_npz(path, {"block": key.block, "input_name": np.array(key.input_name),
-                     "sample_shape": np.array(key.sample_shape), "kind": np.array(key.kind),
-                     "pads": np.array(key.pads, dtype=np.int64).reshape(-1, 2), "kappa": np.array(key.kappa),
-                     "dtype": np.array(key.dtype)})
+    write_npz(path, key_arrays(key))
 
 
-def load_key(path: str | os.PathLike) -> MorphKey:
+def load_key(path: str | os.PathLike | bytes) -> MorphKey:
+    """A key from its file, or from the file's bytes (`key_bytes`)."""
+    where = "key" if isinstance(path, bytes) else path
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(path) if isinstance(path, bytes) else path, allow_pickle=False) as data:
             return MorphKey(str(data["input_name"]), tuple(int(s) for s in data["sample_shape"]),
                             tuple((int(a), int(b)) for a, b in data["pads"]), str(data["kind"]),
                             int(data["kappa"]), data["block"].astype(np.float64), str(data["dtype"]))
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such key file") from None
+        raise UsageError(f"{where}: no such key file") from None
     except (KeyError, ValueError, OSError) as e:
-        raise UsageError(f"{path}: not a MoLe key file written by the mole pass ({e})") from None
+        raise UsageError(f"{where}: not a MoLe key file written by the mole pass ({e})") from None

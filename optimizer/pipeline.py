@@ -1,10 +1,9 @@
-"""The pass manager: parse pass specs, run passes in order, check and verify after every one, collect the report."""
+"""The pass manager: parse pass specs, run passes in order with instruments around each one, collect the report."""
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,13 @@ import onnx
 import yaml
 
 from optimizer.data import LABELS, random_inputs, split_labels
-from optimizer.errors import PassError, SculptError, UsageError, VerificationError
-from optimizer.model import check_model, infer_shapes, load_model
+from optimizer.errors import PassError, SculptError, UsageError
+from optimizer.instruments import Instrument, RunState, default_instruments
+from optimizer.io_json import write_bytes
+from optimizer.model import load_model
 from optimizer.report import model_stats
-from optimizer.verify import compare, run_ort
-from passes import Pass, PassContext, get_pass
+from passes import Artifact, Pass, PassContext, PassResult, get_pass
 
-VERIFY_SAMPLES = 256
 # a comma starts a new option only when `key=` follows, so regex values (exclude=a,b) keep their commas
 _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")
 
@@ -89,32 +88,43 @@ def load_recipe(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], dict]:
     return passes, settings
 
 
-def _verify_feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    feeds, _ = split_labels(data)
-    return {k: v[:VERIFY_SAMPLES] for k, v in feeds.items()}
-
-
-def _accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+def write_artifacts(artifacts: Iterable[Artifact]) -> list[dict]:
+    """Write each artifact atomically to its path; returns [{"what", "path"}] for the report."""
+    written = []
+    for artifact in artifacts:
+        write_bytes(artifact.path, artifact.content)
+        written.append({"what": artifact.what, "path": artifact.path})
+    return written
 
 
 def optimize(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     passes: Iterable[PassSpec],
+    *,
     calibration: dict[str, np.ndarray] | None = None,
     evaluation: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     seed: int = 0,
     batch: int = 1,
+    gate: str | None = None,
+    gate_min: float | None = None,
+    gate_threads: int = 1,
+    instruments: list[Instrument] | None = None,
     on_pass: Callable[[str, int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """Run `passes` in order on a copy of the model and return (model, report).
 
-    After every pass: the full ONNX checker, strict shape inference, and a comparison of the new model's
-    outputs with the previous model's on the calibration inputs (seeded random inputs when none are given).
-    A pass whose contract is `exact` fails the run with VerificationError when the outputs move by more than
-    `tolerance` relative to the output scale (max |Δ| / max |reference|).
+    Around every pass run the instruments (optimizer/instruments.py); by default: Timer, the full ONNX Checker,
+    strict ShapeInference, Verify (the new model's outputs against the previous model's on the calibration
+    inputs, seeded random inputs when none are given; an `exact` pass that moves them by more than `tolerance`
+    relative to the output scale fails the run), Eval (top-1 before and after, when `evaluation` has labels), and
+    with `gate="ort"|"tvm"` a SpeedGate that measures the speedup (failing below `gate_min`).
+
+    The passes' artifacts (keys, plans, plots) are written only after every pass and instrument has passed; a run
+    that fails writes none of them.
+
+        model, report = optimize("model.onnx", ["cleanup", "structured-sparse:ratio=0.5"], gate="ort")
+        report["gate"]["ratio"]      # before / after latency on ONNX Runtime
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -124,66 +134,62 @@ def optimize(
     pass_objects = [build_pass(spec) for spec in passes]
     if not pass_objects:
         raise UsageError("no passes given; use --pass NAME (see `optimize passes`)")
-    if not tolerance >= 0:
-        raise UsageError(f"--tolerance {tolerance}: must be a non-negative number")
-
+    if instruments is None:
+        instruments = default_instruments(tolerance=tolerance, gate=gate, gate_min=gate_min, threads=gate_threads,
+                                          batch=batch)
     ctx = PassContext(
         calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, batch, seed),
         calibration_is_random=calibration is None,
         evaluation=evaluation,
         seed=seed,
     )
-    verify_feeds = _verify_feeds(ctx.calibration)
-    reference = run_ort(model, verify_feeds)
-    report: dict[str, Any] = {"input": model_stats(model, batch), "passes": []}
-    labels = evaluation.get(LABELS) if evaluation is not None else None
-    eval_feeds = split_labels(evaluation)[0] if evaluation is not None else None
-    if labels is not None:
-        report["eval"] = {"metric": "top1", "input": _accuracy(run_ort(model, eval_feeds), labels)}
-
+    state = RunState(model, ctx, {"input": model_stats(model, batch), "passes": []})
+    for instrument in instruments:
+        instrument.before_run(state)
+    artifacts: list[Artifact] = []
     for index, pass_ in enumerate(pass_objects):
         if on_pass is not None:
             on_pass(pass_.name, index, len(pass_objects))
-        contract = pass_.contract_for_options()
-        started = time.perf_counter()
-        try:
-            new_model, details = pass_.run(model, ctx)
-        except SculptError:
-            raise
-        except Exception as e:
-            raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
-        seconds = time.perf_counter() - started
-        check_model(new_model, f"output of pass {pass_.name}", full=True)
-        infer_shapes(new_model, strict=True)
-        verify_feeds = pass_.map_inputs(verify_feeds)
-        ctx.calibration = pass_.map_inputs(ctx.calibration)
-        if eval_feeds is not None:
-            eval_feeds = pass_.map_inputs(eval_feeds)
-            ctx.evaluation = {**eval_feeds, LABELS: labels} if labels is not None else eval_feeds
-        outputs = run_ort(new_model, verify_feeds)
-        verify = compare(reference, outputs)
-        entry = {
-            "name": pass_.name,
-            "options": _plain_options(pass_),
-            "contract": contract,
-            "seconds": round(seconds, 4),
-            "verify": verify,
-            "details": details,
-        }
-        report["passes"].append(entry)
-        if contract == "exact" and not verify["max_rel_err"] <= tolerance:
-            raise VerificationError(
-                f"pass {pass_.name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
-                f"> tolerance {tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
-            )
-        model, reference = new_model, outputs
-
-    report["output"] = model_stats(model, batch)
-    if labels is not None:
-        report["eval"]["output"] = _accuracy(run_ort(model, eval_feeds), labels)
+        result = _run_pass(pass_, state, instruments)
+        artifacts.extend(result.artifacts)
+        _map_context(ctx, pass_, result)
+        state.model = result.model
+    state.report["output"] = model_stats(state.model, batch)
+    for instrument in instruments:
+        instrument.after_run(state)
     if ctx.warnings:
-        report["warnings"] = list(ctx.warnings)
-    return model, report
+        state.report["warnings"] = list(ctx.warnings)
+    if artifacts:
+        state.report["artifacts"] = write_artifacts(artifacts)
+    return state.model, state.report
+
+
+def _run_pass(pass_: Pass, state: RunState, instruments: list[Instrument]) -> PassResult:
+    state.entry = {"name": pass_.name, "options": _plain_options(pass_), "contract": pass_.contract_for_options()}
+    for instrument in instruments:
+        instrument.before_pass(state, pass_)
+    try:
+        result = pass_.run(state.model, state.ctx)
+    except SculptError:
+        raise
+    except Exception as e:
+        raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(result, PassResult):
+        raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+    state.report["passes"].append(state.entry)
+    for instrument in instruments:
+        instrument.after_pass(state, pass_, result)
+    state.entry["details"] = result.report
+    return result
+
+
+def _map_context(ctx: PassContext, pass_: Pass, result: PassResult) -> None:
+    """The calibration and evaluation inputs of the new model (labels unchanged)."""
+    ctx.calibration = pass_.map_inputs(result, ctx.calibration)
+    if ctx.evaluation is not None:
+        feeds, labels = split_labels(ctx.evaluation)
+        feeds = pass_.map_inputs(result, feeds)
+        ctx.evaluation = {**feeds, LABELS: labels} if labels is not None else feeds
 
 
 def _plain_options(pass_: Pass) -> dict:

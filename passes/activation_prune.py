@@ -52,9 +52,10 @@ import onnx_graphsurgeon as gs
 
 from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
 from optimizer.data import graph_inputs, random_inputs
+from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import default_opset, metadata_value, set_metadata
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop, top1
 from passes.base import compile_regex
 
@@ -152,7 +153,7 @@ class ActivationPrune(Pass):
         compile_regex(self.name, "include", o.include)
         compile_regex(self.name, "exclude", o.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         opset = default_opset(model)
         if opset < MIN_OPSET:
@@ -196,7 +197,7 @@ class ActivationPrune(Pass):
         if search:
             details["max_drop_search"] = search
         record_metadata(masked, model, sites, o, params)
-        return masked, details
+        return PassResult(masked, details)
 
 
 def model_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
@@ -230,13 +231,13 @@ def select_sites(model: onnx.ModelProto, options) -> tuple[list[MaskSite], list[
         if include is None and node.op_type not in RELU_FAMILY:
             continue
         if exclude is not None and exclude.search(label):
-            outcome = f"excluded by exclude={options.exclude!r}"
+            outcome = _decline(node, label, "excluded", f"excluded by exclude={options.exclude!r}")
         else:
             outcome = _site_or_reason(node, label, graph, options, default_selection=include is None)
         if isinstance(outcome, MaskSite):
             sites.append(outcome)
         else:
-            declined.append({"node": label, "tensor": node.output[0], "reason": outcome})
+            declined.append({**outcome.as_report(), "tensor": node.output[0]})
     return sites, declined
 
 
@@ -252,22 +253,29 @@ class _GraphFacts:
                 self.readers.setdefault(name, []).append((node, index))
 
 
-def _site_or_reason(node: onnx.NodeProto, label: str, graph: _GraphFacts, options, default_selection: bool):
+def _site_or_reason(node: onnx.NodeProto, label: str, graph: _GraphFacts, options, default_selection: bool
+                    ) -> MaskSite | Decline:
     tensor = node.output[0]
     if tensor.endswith("/actmask/input"):
-        return "already masked by an earlier activation-prune run"
+        return _decline(node, label, "already-masked", "already masked by an earlier activation-prune run")
     if graph.types.get(tensor) not in NP_TYPES:
-        return "output is not float32/float16/float64 (or its type is unknown)"
+        return _decline(node, label, "not-float", "output is not float32/float16/float64 (or its type is unknown)")
     uses, others = _compute_uses(tensor, graph.readers)
     if default_selection and not uses:
-        return f"feeds no Conv/Gemm/MatMul (consumers: {', '.join(sorted(others)) or 'graph output only'})"
+        return _decline(node, label, "no-compute-reader",
+                        f"feeds no Conv/Gemm/MatMul (consumers: {', '.join(sorted(others)) or 'graph output only'})")
     shape = graph.shapes.get(tensor)
     units = _wta_units(shape, options.granularity)
     if options.method == "wta" and units is None:
-        return "wta needs a static rank >= 2 and static non-batch dimensions; use method=threshold"
+        return _decline(node, label, "dynamic-shape",
+                        "wta needs a static rank >= 2 and static non-batch dimensions; use method=threshold")
     rank = None if shape is None else len(shape)
     nonnegative = _is_nonnegative(node, graph.constants)
     return MaskSite(tensor, label, node.op_type, graph.types[tensor], rank, units, nonnegative, uses)
+
+
+def _decline(node: onnx.NodeProto, label: str, code: str, why: str) -> Decline:
+    return Decline(label, node.op_type, code, why)
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -6,12 +6,13 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
+from optimizer.options import option_types, parse_options
 
 Contract = Literal["exact", "approximate"]
 
@@ -52,6 +53,39 @@ class PassContext:
             self.progress(what, fraction)
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A file a pass produces besides the model (a key, a plan, a plot), held as data until the run is verified.
+
+    path: where the user asked for it. what: a few words for messages ("mole key"). content: the file's bytes.
+    The pipeline writes every artifact atomically, and only after every pass has passed verification:
+
+        Artifact("plan.json", "structured-sparse plan", b'{"format": ...}')
+    """
+
+    path: str
+    what: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What `Pass.run` returns: the new model, the pass's report and the files it wants written.
+
+    It unpacks as `(model, report)` for callers that need only those two:
+
+        model, report = pass_.run(model, ctx)
+        artifacts = pass_.run(model, ctx).artifacts
+    """
+
+    model: onnx.ModelProto
+    report: dict
+    artifacts: tuple[Artifact, ...] = ()
+
+    def __iter__(self):
+        return iter((self.model, self.report))
+
+
 class Pass:
     """Base class. Subclasses set `name`, `summary`, `Options` (a dataclass) and `contract`, and implement `run`."""
 
@@ -59,6 +93,7 @@ class Pass:
     summary: ClassVar[str]
     Options: ClassVar[type]
     contract: ClassVar[Contract] = "approximate"
+    speedup: ClassVar[bool] = False  # does the pass promise a faster model (held to it by the speed gate)?
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
@@ -71,80 +106,31 @@ class Pass:
         """The contract under the current options (e.g. structured-sparse is exact only for criterion=zero)."""
         return self.contract
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def claims_speedup(self, result: PassResult) -> bool:
+        """Whether this run promises a faster model; `--gate` measures such a pass and fails it when it is not."""
+        return self.speedup
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        """A new model (the input is never mutated), the report and any artifacts; never touches files."""
         raise NotImplementedError
 
-    def map_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """After `run`: the inputs of the new model that correspond to `feeds` of the old one. Most passes keep
-        the inputs; one that re-encodes an input (mole) overrides this, and the pipeline verifies through it."""
+    def map_inputs(self, result: PassResult, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs of `result.model` that correspond to `feeds` of the model the pass ran on. Most passes keep
+        the inputs; one that re-encodes an input (mole) overrides this, reading what it needs from the result's
+        `sculpt.*` metadata and artifacts (never from state kept on the pass), and the pipeline verifies through
+        it."""
         return feeds
 
     @classmethod
     def from_spec(cls, values: dict[str, str | Any]) -> Pass:
         """Build from `key=value` strings (CLI) or typed values (recipe, Python API)."""
-        return cls(parse_options(cls, values))
+        return cls(parse_options(cls.Options, values, where=f"pass {cls.name}"))
 
 
 def option_fields(pass_cls: type[Pass]) -> list[tuple[dataclasses.Field, Any]]:
     """(field, resolved type) for every option of a pass."""
-    hints = get_type_hints(pass_cls.Options)
-    return [(f, hints[f.name]) for f in dataclasses.fields(pass_cls.Options)]
-
-
-def describe_type(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "|".join(str(a) for a in get_args(tp))
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if args and get_origin(tp) is not Literal and len(args) == 1:
-        return describe_type(args[0]) + " (optional)"
-    return getattr(tp, "__name__", str(tp))
-
-
-_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-def coerce(pass_name: str, key: str, tp: Any, value: Any) -> Any:
-    """Convert a CLI string (or a recipe value) to the option's declared type, or raise UsageError."""
-    origin = get_origin(tp)
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if value is None and type(None) in get_args(tp):
-        return None
-    if origin is Literal:
-        choices = get_args(tp)
-        for choice in choices:
-            if str(choice) == str(value):
-                return choice
-        raise UsageError(f"pass {pass_name}: option {key}={value!r} is not one of {', '.join(map(str, choices))}")
-    if args and origin is not Literal:
-        if isinstance(value, str) and value.lower() in ("none", ""):
-            return None
-        return coerce(pass_name, key, args[0], value)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            return _BOOL[str(value).lower()]
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (ValueError, KeyError):
-        raise UsageError(f"pass {pass_name}: option {key}={value!r} is not a valid {describe_type(tp)}") from None
-    return value
-
-
-def parse_options(pass_cls: type[Pass], values: dict[str, Any]) -> Any:
-    fields = {f.name: tp for f, tp in option_fields(pass_cls)}
-    unknown = [k for k in values if k.replace("-", "_") not in fields]
-    if unknown:
-        known = ", ".join(fields) or "(none)"
-        raise UsageError(f"pass {pass_cls.name}: unknown option {unknown[0]!r}; options are: {known}")
-    typed = {k.replace("-", "_"): coerce(pass_cls.name, k, fields[k.replace("-", "_")], v) for k, v in values.items()}
-    return pass_cls.Options(**typed)
+    types = option_types(pass_cls.Options)
+    return [(f, types[f.name]) for f in dataclasses.fields(pass_cls.Options)]
 
 
 def compile_regex(pass_name: str, key: str, pattern: str | None) -> re.Pattern | None:

@@ -44,7 +44,6 @@ The plan is stored in model.metadata_props["sculpt.bitslice"] as JSON (read by t
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +54,11 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer import quant
+from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
-from passes import Pass, PassContext, option, register
+from optimizer.plots import slice_sparsity_png
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
 METADATA_KEY = "sculpt.bitslice"
@@ -102,13 +103,6 @@ class QuantizedWeight:
     layout: str
 
 
-@dataclass(frozen=True)
-class Decline:
-    node: str
-    op: str
-    reason: str
-
-
 @register
 class BitSlice(Pass):
     name = "bit-slice"
@@ -142,10 +136,10 @@ class BitSlice(Pass):
             if not Path(o.plot).resolve().parent.is_dir():
                 raise UsageError(f"pass bit-slice: option plot={o.plot!r}: directory does not exist")
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         weights, declines = find_quantized_weights(model)
         if not weights:
-            floats = [d for d in declines if d.reason.startswith("float weight")]
+            floats = [d for d in declines if d.code == "float-weight"]
             where = f" ({floats[0].op} {floats[0].node!r} has float weights)" if floats else ""
             raise UsageError(
                 f"pass bit-slice: the model has no quantized weights{where}; run the quantize pass first, "
@@ -167,13 +161,15 @@ class BitSlice(Pass):
         result = onnx.ModelProto()
         result.CopyFrom(model)
         set_metadata(result, METADATA_KEY, json.dumps(metadata))
-        details = {**settings, "adc_plan": plan, "layers": layers, "declined": [vars(d) for d in declines]}
+        details = {**settings, "adc_plan": plan, "layers": layers, "declined": [d.as_report() for d in declines]}
         details["metadata_key"] = METADATA_KEY
+        artifacts = ()
         if self.options.plot:
-            plot_slice_sparsity(layers, self.options.plot, self.options)
+            png = slice_sparsity_png(layers, cell_bits=self.options.cell_bits, sign=self.options.sign)
+            artifacts = (Artifact(self.options.plot, "bit-slice plot", png),)
             details["plot"] = self.options.plot
         ctx.report_progress("bit-slice", 1.0)
-        return result, details
+        return PassResult(result, details, artifacts)
 
     def _layer(self, weight: QuantizedWeight) -> dict:
         o = self.options
@@ -259,44 +255,51 @@ def find_quantized_weights(model: onnx.ModelProto) -> tuple[list[QuantizedWeight
             layout = QDQ_LAYOUTS[node.op_type]
         else:
             continue
-        if isinstance(found, str):
-            declines.append(Decline(node.name, node.op_type, found))
+        if isinstance(found, Decline):
+            declines.append(found)
             continue
         name, codes, container_bits = found
         if layout == "matmul" and codes.ndim != 2:
-            declines.append(Decline(node.name, node.op_type, f"weight {name!r} is {codes.ndim}-D, not a 2-D matrix"))
+            declines.append(Decline(node.name, node.op_type, "weight-rank",
+                                    f"weight {name!r} is {codes.ndim}-D, not a 2-D matrix"))
             continue
         weights.append(QuantizedWeight(node, name, codes, declared.get(name, container_bits), layout))
     return weights, declines
 
 
-def _qdq_weight(node, initializers, producers) -> tuple[str, np.ndarray, int] | str:
+def _qdq_weight(node, initializers, producers) -> tuple[str, np.ndarray, int] | Decline:
     if len(node.input) < 2:
-        return "has no weight input"
+        return Decline(node.name, node.op_type, "no-weight", "has no weight input")
     weight = node.input[1]
     if weight in initializers:
-        return f"float weight {weight!r} (not quantized)"
+        return Decline(node.name, node.op_type, "float-weight", f"float weight {weight!r} (not quantized)")
     dq = producers.get(weight)
     if dq is None or dq.op_type != "DequantizeLinear":
-        return f"weight {weight!r} is computed at run time, not a constant"
+        return Decline(node.name, node.op_type, "runtime-weight",
+                       f"weight {weight!r} is computed at run time, not a constant")
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    return _integer_weight(dq, 0, 2 if len(dq.input) > 2 else None, initializers, axis)
+    found = _integer_weight(dq, 0, 2 if len(dq.input) > 2 else None, initializers, axis)
+    # the decline names the crossbar op, not the DequantizeLinear that feeds it
+    return Decline(node.name, node.op_type, found.code, found.why) if isinstance(found, Decline) else found
 
 
-def _integer_weight(node, weight_input, zero_point_input, initializers, axis) -> tuple[str, np.ndarray, int] | str:
+def _integer_weight(node, weight_input, zero_point_input, initializers, axis) -> tuple[str, np.ndarray, int] | Decline:
     name = node.input[weight_input]
     tensor = initializers.get(name)
     if tensor is None:
-        return f"integer weight {name!r} is not an initializer"
+        return Decline(node.name, node.op_type, "runtime-weight", f"integer weight {name!r} is not an initializer")
     if tensor.data_type not in INTEGER_TYPES:
-        return f"weight {name!r} has type {onnx.TensorProto.DataType.Name(tensor.data_type)}, not a supported integer"
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+        return Decline(node.name, node.op_type, "weight-type",
+                       f"weight {name!r} has type {kind}, not a supported integer")
     codes = numpy_helper.to_array(tensor).astype(np.int64)
     zp_name = (
         node.input[zero_point_input] if zero_point_input is not None and len(node.input) > zero_point_input else ""
     )
     if zp_name:
         if zp_name not in initializers:
-            return f"zero point {zp_name!r} is not an initializer"
+            return Decline(node.name, node.op_type, "runtime-zero-point",
+                           f"zero point {zp_name!r} is not an initializer")
         zero_point = numpy_helper.to_array(initializers[zp_name]).astype(np.int64)
         codes = codes - _along(zero_point, codes.ndim, axis if axis is not None else _direct_axis(node, codes))
     return name, codes, INTEGER_TYPES[tensor.data_type]
@@ -357,34 +360,3 @@ def _overall_plan(layers: list[dict]) -> list[int]:
     width = max(layer["slices"] for layer in layers)
     return [max((layer["adc_bits"][s] for layer in layers if s < layer["slices"]), default=1) for s in range(width)]
 
-
-
-
-def plot_slice_sparsity(layers: list[dict], path: str, options) -> None:
-    """Grouped bars: one group per layer, one bar per slice (LSB first), written atomically to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width = max(layer["slices"] for layer in layers)
-    positions = np.arange(len(layers))
-    bar = 0.8 / width
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 2), 4.0))
-    for s in range(width):
-        values = [layer["slice_sparsity"][s] if s < layer["slices"] else 0.0 for layer in layers]
-        axes.bar(positions + (s - (width - 1) / 2) * bar, values, bar, label=f"slice {s}")
-    axes.set_xticks(positions, [layer["node"] or layer["weight"] for layer in layers], rotation=45, ha="right")
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("slice sparsity (fraction of zero digits)")
-    axes.set_title(f"bit-slice sparsity: {options.cell_bits}-bit cells, {options.sign} sign (slice 0 = LSB)")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    temporary = f"{path}.tmp.png"
-    try:
-        figure.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
-    except OSError as e:
-        raise UsageError(f"pass bit-slice: cannot write plot={path!r} ({e.strerror})") from e
-    finally:
-        plt.close(figure)

@@ -33,7 +33,7 @@ from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
 from optimizer.report import layer_rows, model_stats
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.graph.ir import GraphView
 from passes.graph.residual import ResidualBlock, find_residual_blocks, node_label
@@ -48,7 +48,7 @@ class Depth(Pass):
     summary = "removes residual blocks, or inserts identity-initialised ones (AutoGrow's ZeroInit morphism)"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         mode: Literal["remove", "insert"] = option("remove", "remove residual blocks, or insert identity ones")
         blocks: str | None = option(None, "remove: regex on the residual Add node names to remove")
@@ -80,10 +80,13 @@ class Depth(Pass):
     def contract_for_options(self) -> Literal["exact", "approximate"]:
         return "exact" if self.options.mode == "insert" else "approximate"
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def claims_speedup(self, result: PassResult) -> bool:
+        return bool(result.report.get("removed"))
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         if self.options.mode == "remove":
-            return self._remove(model, ctx)
-        return self._insert(model, ctx)
+            return PassResult(*self._remove(model, ctx))
+        return PassResult(*self._insert(model, ctx))
 
     # --- remove ---------------------------------------------------------------------------------------------
 
@@ -91,7 +94,7 @@ class Depth(Pass):
         view = GraphView(model)
         blocks, declined = find_residual_blocks(view)
         if not blocks:
-            why = "; ".join(f"{d.add}: {d.reason}" for d in declined) or "the model has no Add of two activations"
+            why = "; ".join(f"{d.node}: {d.why}" for d in declined) or "the model has no Add of two activations"
             raise PassError(f"pass depth: no identity residual block was found ({why})")
         layers = layer_rows(model)
         rows = [_block_row(block, layers) for block in blocks]
@@ -112,7 +115,7 @@ class Depth(Pass):
         details = {
             "blocks": rows,
             "removed": removed,
-            "declined": [{"block": d.add, "reason": d.reason} for d in declined],
+            "declined": [{"block": d.node, "code": d.code, "reason": d.why} for d in declined],
             "before": {k: before[k] for k in ("params", "macs", "nodes")},
             "after": {k: after[k] for k in ("params", "macs", "nodes")},
         }

@@ -30,19 +30,20 @@ from onnx import helper, numpy_helper
 
 from optimizer.data import graph_inputs
 from optimizer.errors import PassError, UsageError
-from optimizer.model import set_metadata
+from optimizer.model import metadata_value, set_metadata
 from optimizer.morph import (
     MATRIX_KINDS,
     ConvGeometry,
     MorphKey,
     aug_conv_matrix,
+    key_bytes,
     load_key,
     make_key,
     morph,
-    save_key,
 )
 from optimizer.report import model_stats
-from passes import Pass, PassContext, option, register
+from passes import Artifact, Pass, PassContext, PassResult, option, register
+from passes.graph.edit import GraphEdit
 
 METADATA_KEY = "sculpt.mole"
 _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}
@@ -62,7 +63,7 @@ class Mole(Pass):
     summary = "MoLe Aug-Conv: the first convolution takes morphed inputs (x @ M); writes or reads the key"
     contract = "exact"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it")
         key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one")
@@ -88,9 +89,8 @@ class Mole(Pass):
             raise UsageError(f"pass mole: option kappa={o.kappa} must be a positive integer")
         if o.dtype not in ("auto", *_DTYPES):
             raise UsageError(f"pass mole: option dtype={o.dtype!r} is not auto, float32 or float64")
-        self.key: MorphKey | None = None
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         input_name = choose_input(model, o.input)
         conv = first_conv(model, input_name)
@@ -105,18 +105,31 @@ class Mole(Pass):
         aug = aug_conv_matrix(key, conv)
         result = replace_first_conv(model, input_name, conv, aug.astype(dtype), dtype)
         _set_metadata(result, key, conv)
-        if o.key_out is not None:
-            save_key(key, o.key_out)
-        self.key = key
-        return result, _details(model, result, key, conv, aug)
+        artifacts = (Artifact(o.key_out, "mole key", key_bytes(key)),) if o.key_out is not None else ()
+        return PassResult(result, _details(model, result, key, conv, aug), artifacts)
 
-    def map_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The morphed form of the input the old model took; other inputs pass through."""
-        if self.key is None or self.key.input_name not in feeds:
+    def map_inputs(self, result: PassResult, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The morphed form of the input the old model took; other inputs pass through.
+
+        The model's `sculpt.mole` metadata names the input and the key's fingerprint; the key itself is secret and
+        never enters the model, so it comes from the result's key artifact (key_out) or the key file (key)."""
+        entry = json.loads(metadata_value(result.model, METADATA_KEY) or "{}")
+        if entry.get("input") not in feeds:
             return feeds
-        mapped = {k: v for k, v in feeds.items() if k != self.key.input_name}
-        mapped[morphed_name(self.key.input_name)] = morph(feeds[self.key.input_name], self.key)
+        key = self._result_key(result, entry["key_sha256"])
+        mapped = {k: v for k, v in feeds.items() if k != key.input_name}
+        mapped[entry["morphed_input"]] = morph(feeds[key.input_name], key)
         return mapped
+
+    def _result_key(self, result: PassResult, fingerprint: str) -> MorphKey:
+        sources = [a.content for a in result.artifacts if a.what == "mole key"]
+        if self.options.key is not None:
+            sources.append(self.options.key)
+        for source in sources:
+            key = load_key(source)
+            if key.fingerprint() == fingerprint:
+                return key
+        raise PassError(f"pass mole: no key with fingerprint {fingerprint[:12]}… for the model's {METADATA_KEY}")
 
 
 def morphed_name(input_name: str) -> str:
@@ -187,63 +200,34 @@ def _resolve_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple[tup
 def replace_first_conv(model: onnx.ModelProto, input_name: str, conv: FirstConv, aug: np.ndarray,
                        dtype: str) -> onnx.ModelProto:
     """A copy of `model` whose input is the morphed vector and whose first Conv is the Aug-Conv MatMul."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    old_input = next(i for i in graph.input if i.name == input_name)
-    batch = old_input.type.tensor_type.shape.dim[0]
-    new_input = helper.make_tensor_value_info(morphed_name(input_name), _DTYPES[dtype], [None, aug.shape[0]])
-    new_input.type.tensor_type.shape.dim[0].CopyFrom(batch)
-    inputs = [new_input if i.name == input_name else i for i in graph.input]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    edit = GraphEdit(model)
+    old_input = edit.tensor(input_name)
+    batch = old_input.shape[0] if old_input.shape else None
+    new_input = edit.variable(morphed_name(input_name), dtype=np.dtype(dtype), shape=[batch, aug.shape[0]])
+    edit.replace_graph_input(old_input, new_input)
+    node = edit.tensor(conv.node.output[0]).inputs[0]
+    aug_weight = edit.add_initializer(aug, "mole/aug_conv")
+    out_shape = edit.add_initializer(
+        np.array([-1, aug.shape[1] // int(np.prod(conv.out_spatial)), *conv.out_spatial], np.int64), "mole/out_shape")
 
-    output = conv.node.output[0]
-    names = _Namer(result)
-    aug_name, shape_name = names("mole/aug_conv"), names("mole/out_shape")
-    new_initializers = [numpy_helper.from_array(aug, aug_name),
-                        numpy_helper.from_array(np.array([-1, aug.shape[1] // int(np.prod(conv.out_spatial)),
-                                                          *conv.out_spatial], np.int64), shape_name)]
-    flat = names("mole/aug_conv_out")
-    nodes = [helper.make_node("MatMul", [new_input.name, aug_name], [flat], name=names("mole/AugConv"))]
-    if dtype != "float32":
-        cast = names("mole/aug_conv_out_f32")
-        nodes.append(helper.make_node("Cast", [flat], [cast], name=names("mole/Cast"), to=onnx.TensorProto.FLOAT))
-        flat = cast
-    shaped = output if conv.bias is None else names("mole/aug_conv_shaped")
-    nodes.append(helper.make_node("Reshape", [flat, shape_name], [shaped], name=names("mole/Reshape")))
-    if conv.bias is not None:
-        bias_name = names("mole/bias")
-        bias = conv.bias.astype(np.float32).reshape(1, -1, *[1] * len(conv.out_spatial))
-        new_initializers.append(numpy_helper.from_array(bias, bias_name))
-        nodes.append(helper.make_node("Add", [shaped, bias_name], [output], name=names("mole/Bias")))
+    def aug_conv(outputs: list) -> list:
+        (output,) = outputs
+        flat = edit.variable("mole/aug_conv_out", dtype=np.dtype(dtype))
+        nodes = [edit.add_node("MatMul", [new_input, aug_weight], [flat], hint="mole/AugConv")]
+        if dtype != "float32":
+            cast = edit.variable("mole/aug_conv_out_f32", dtype=np.float32)
+            nodes.append(edit.add_node("Cast", [flat], [cast], hint="mole/Cast", attrs={"to": onnx.TensorProto.FLOAT}))
+            flat = cast
+        shaped = output if conv.bias is None else edit.variable("mole/aug_conv_shaped", dtype=np.float32)
+        nodes.append(edit.add_node("Reshape", [flat, out_shape], [shaped], hint="mole/Reshape"))
+        if conv.bias is not None:
+            bias = edit.add_initializer(conv.bias.astype(np.float32).reshape(1, -1, *[1] * len(conv.out_spatial)),
+                                        "mole/bias")
+            nodes.append(edit.add_node("Add", [shaped, bias], [output], hint="mole/Bias"))
+        return nodes
 
-    position = list(model.graph.node).index(conv.node)  # conv.node belongs to `model`; `result` is a copy
-    kept = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(kept[:position] + nodes + kept[position + 1:])
-    still_used = {name for n in graph.node for name in n.input}
-    initializers = [t for t in graph.initializer if t.name in still_used or t.name not in conv.node.input]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers + new_initializers)
-    return result
-
-
-class _Namer:
-    """Names not yet used by any tensor or node of the model."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.used = {n.name for n in graph.node} | {t.name for t in graph.initializer} | {
-            name for n in graph.node for name in [*n.input, *n.output]} | {i.name for i in graph.input}
-
-    def __call__(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            index += 1
-            name = f"{base}_{index}"
-        self.used.add(name)
-        return name
+    edit.replace_subgraph([node], aug_conv)
+    return edit.to_model()
 
 
 def _check_key(key: MorphKey, input_name: str, conv: FirstConv, path: str, dtype: str | None) -> None:

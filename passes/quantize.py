@@ -34,9 +34,9 @@ from onnx import TensorProto, numpy_helper
 
 from optimizer import quant
 from optimizer.errors import UsageError
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
-from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, output_tensors, plain, write_qdq
+from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, insert_qdq, output_tensors, plain
 
 ACTIVATION_BITS = 8
 WEIGHT_BITS = range(4, 9)
@@ -75,7 +75,7 @@ class Quantize(Pass):
             raise UsageError(f"pass quantize: option percentile={o.percentile} must be in (50, 100]")
         compile_regex(self.name, "exclude", o.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from optimizer.model import upgrade_opset
 
         original = model
@@ -96,9 +96,10 @@ class Quantize(Pass):
         ctx.report_progress("quantize: rewriting the graph", 0.8)
         o = self.options
         plan = QdqPlan(sites, weights, activations, outputs, o.bits, o.scale, o.granularity)
-        metadata = write_qdq(model, plan)
+        metadata, float_biases = insert_qdq(model, plan)
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
+        details["float_biases"] = [d.as_report() for d in float_biases]
         details["calibration"] = {
             "samples": _batch_size(feeds),
             "random": ctx.calibration is None or ctx.calibration_is_random,
@@ -108,7 +109,7 @@ class Quantize(Pass):
         if ctx.evaluation is not None and "labels" in ctx.evaluation:
             details["accuracy"] = _accuracies(original, model, ctx.evaluation)
         ctx.report_progress("quantize: done", 1.0)
-        return model, details
+        return PassResult(model, details)
 
     def _calibration_feeds(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
         from optimizer.data import graph_inputs, random_inputs
@@ -171,7 +172,7 @@ class Quantize(Pass):
             "bits": o.bits,
             "activation_bits": ACTIVATION_BITS,
             "layers": layers,
-            "declined": [vars(d) for d in declines],
+            "declined": [d.as_report() for d in declines],
             "metadata_key": METADATA_KEY,
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),
@@ -216,13 +217,9 @@ def _batch_size(feeds: dict[str, np.ndarray]) -> int:
 
 def _chunk(model: onnx.ModelProto) -> int:
     """Rows per ORT call: the model's fixed batch size where it has one, else CALIBRATION_BATCH."""
-    from optimizer.data import graph_inputs
+    from optimizer.data import fixed_batch, graph_inputs
 
-    for value in graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return CALIBRATION_BATCH
+    return fixed_batch(graph_inputs(model)) or CALIBRATION_BATCH
 
 
 def _batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]):

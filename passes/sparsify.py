@@ -29,9 +29,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
-from passes import Pass, PassContext, option, register
+from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 
 METADATA_KEY = "sculpt.sparsify"
@@ -90,12 +91,14 @@ class Sparsify(Pass):
     summary = "magnitude pruning of Conv/Gemm/MatMul weights: element, RxC blocks (16x1, 8x8 for tvm) or N:M"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
         sparsity: float = option(0.5, "fraction of weights set to zero (element and block patterns)")
         pattern: str = option("element", "element | RxC block, R output rows x C inputs (e.g. 16x1, 8x8) | N:M (2:4)")
         scope: Literal["layer", "global"] = option("layer", "each weight to the target, or one global threshold")
         exclude: str | None = option(None, "regex on node names to leave dense (e.g. the first conv)")
+
+    speedup = True
 
     def validate(self) -> None:
         if not 0.0 <= self.options.sparsity < 1.0:
@@ -103,12 +106,12 @@ class Sparsify(Pass):
         self.pattern = parse_pattern(self.options.pattern)
         self.exclude = compile_regex(self.name, "exclude", self.options.exclude)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         result = onnx.ModelProto()
         result.CopyFrom(model)
         targets, skipped = find_targets(result, self.exclude)
         if not targets:
-            reasons = "; ".join(skipped) or "the model has no Conv/Gemm/MatMul"
+            reasons = "; ".join(f"{d.node}: {d.why}" for d in skipped) or "the model has no Conv/Gemm/MatMul"
             raise PassError(f"pass sparsify: nothing to prune ({reasons})")
         initializers = {t.name: t for t in result.graph.initializer}
         matrices = [t.view(numpy_helper.to_array(initializers[t.initializer])) for t in targets]
@@ -130,12 +133,14 @@ class Sparsify(Pass):
             else self.options.sparsity,
             "achieved_sparsity": round(zeros / total, 6),
             "layers": layers,
-            "skipped": skipped,
+            "skipped": [d.as_report() for d in skipped],
         }
-        return result, details
+        return PassResult(result, details)
 
 
-def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[list[Target], list[str]]:
+def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[list[Target], list[Decline]]:
+    """The weights to prune (one Target per initializer, with every node reading it) and a Decline per node left
+    alone."""
     initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
     by_initializer: dict[str, Target] = {}
     skipped = []
@@ -144,11 +149,12 @@ def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[li
             continue
         name = node.name or node.output[0]
         if exclude is not None and exclude.search(name):
-            skipped.append(f"{name}: excluded by pattern")
+            skipped.append(Decline(name, node.op_type, "excluded", "excluded by pattern"))
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
         if weight not in initializers:
-            skipped.append(f"{name}: weight {weight!r} is not an initializer (run cleanup to fold constants)")
+            skipped.append(Decline(name, node.op_type, "runtime-weight",
+                                   f"weight {weight!r} is not an initializer (run cleanup to fold constants)"))
             continue
         shape = initializers[weight]
         transposed = _transposed(node)
@@ -157,7 +163,8 @@ def find_targets(model: onnx.ModelProto, exclude: re.Pattern | None) -> tuple[li
             or (node.op_type == "Conv" and len(shape) < 3)
             or (node.op_type != "Conv" and len(shape) != 2)
         ):
-            skipped.append(f"{name}: {node.op_type} weight of shape {list(shape)} is not a plain matrix or filter bank")
+            skipped.append(Decline(name, node.op_type, "weight-shape",
+                                   f"weight of shape {list(shape)} is not a plain matrix or filter bank"))
             continue
         if weight in by_initializer:
             by_initializer[weight].nodes.append(name)

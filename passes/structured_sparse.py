@@ -17,18 +17,28 @@ import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
-from optimizer.io_json import write_json
-from passes import Pass, PassContext, option, register
+from optimizer.io_json import to_json
+from optimizer.report import model_stats
+from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
+from passes.graph.budget import Budget, CostModel, allocate
+from passes.graph.calibrated import Phases, refit_targets
+from passes.graph.data_scores import activation_scores, capture_stats
+from passes.graph.edit import GraphEdit
+from passes.graph.fidelity import fidelity_summary
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, batchnorm_scales, summary, unit_scores
 from passes.graph.ir import with_shapes
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
 from passes.graph.prune import apply_removal, kept_counts
-from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, removed_roots
+from passes.graph.reconstruction import consumer_grams, group_curves, marginal_costs, obs_scores
+from passes.graph.recovery import recover
+from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
 
 NAME = "structured-sparse"
+DATA_CRITERIA = ("activation", "reconstruction")
+DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -43,12 +53,9 @@ def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     weights = {t.name for t in model.graph.initializer}
     if not any(value.name in weights for value in model.graph.input):
         return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [value for value in copy.graph.input if value.name not in weights]
-    del copy.graph.input[:]
-    copy.graph.input.extend(kept)
-    return copy
+    edit = GraphEdit(model)
+    edit.graph.inputs = [tensor for tensor in edit.graph.inputs if tensor.name not in weights]
+    return edit.to_model()
 
 
 def prepare(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
@@ -74,14 +81,28 @@ class StructuredSparse(Pass):
     summary = "removes whole channels/filters/neurons and rewires every producer and consumer"
     contract = "approximate"
 
-    @dataclass
+    @dataclass(frozen=True)
     class Options:
-        ratio: float = option(0.5, "fraction of each group's channels to remove, 0 <= ratio < 1 (unused by zero)")
-        criterion: Literal["l1", "l2", "bn-scale", "hoyer", "zero"] = option(
-            "l1",
-            "importance: l1/l2 norm of producer rows, bn-scale |gamma|, hoyer (Group-HS normalized l2), or "
-            "zero = remove only channels whose removal provably leaves the outputs unchanged (exact)",
+        ratio: float = option(0.5, "fraction of each group's channels to remove, 0 <= ratio < 1 (unused by zero "
+                                   "and when keep_params/keep_macs is given)")
+        criterion: Literal["auto", "activation", "reconstruction", "l1", "l2", "bn-scale", "hoyer", "zero"] = option(
+            "auto",
+            "importance: activation = ||W[:,c]||*||X_c|| over the consumers on the calibration data (Wanda), "
+            "reconstruction = the consumers' output error when the channel goes and they are refitted (OBS), "
+            "l1/l2 norm of producer rows, bn-scale |gamma|, hoyer (Group-HS normalized l2), or zero = remove only "
+            "channels whose removal provably leaves the outputs unchanged (exact); auto = reconstruction with "
+            "--calibration data, l1 without",
         )
+        recover: Literal["auto", "none", "lsq", "mean"] = option(
+            "auto",
+            "after the removal, refit the layers reading pruned channels to the original outputs: lsq = ridge "
+            "least squares of weights and bias, mean = bias only (folds the removed channels' mean), none; auto = "
+            "lsq with --calibration data, none without",
+        )
+        keep_params: float | None = option(None, "keep this fraction of the model's weights (0 < F <= 1): per-group "
+                                                 "cuts chosen globally by sensitivity")
+        keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1)")
+        ridge: float = option(1e-5, "ridge of the least-squares recovery, relative to the mean input energy")
         scope: Literal["uniform", "global"] = option("uniform", "ratio per group, or one ranking across groups")
         round_to: int = option(1, "keep a multiple of this many channels in each group")
         min_channels: int = option(1, "keep at least this many channels in each group")
@@ -93,8 +114,21 @@ class StructuredSparse(Pass):
         o = self.options
         if not isinstance(o.ratio, (int, float)) or not 0 <= o.ratio < 1:
             raise UsageError(f"pass {NAME}: option ratio={o.ratio!r} must be in [0, 1)")
-        if o.criterion not in CRITERIA:
-            raise UsageError(f"pass {NAME}: option criterion={o.criterion!r} is not one of {', '.join(CRITERIA)}")
+        if o.criterion not in ("auto", *CRITERIA, *DATA_CRITERIA):
+            raise UsageError(f"pass {NAME}: option criterion={o.criterion!r} is not one of "
+                             f"{', '.join((*DATA_CRITERIA, *CRITERIA))}")
+        for key in ("keep_params", "keep_macs"):
+            value = getattr(o, key)
+            if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise UsageError(f"pass {NAME}: option {key}={value!r} must be a fraction in (0, 1] (e.g. 0.6 keeps "
+                                 "60%)")
+        if o.keep_params is not None and o.keep_macs is not None:
+            raise UsageError(f"pass {NAME}: give keep_params or keep_macs, not both")
+        if (o.keep_params is not None or o.keep_macs is not None) and o.criterion == "zero":
+            raise UsageError(f"pass {NAME}: criterion=zero removes only exact channels; it takes no keep_params/"
+                             "keep_macs budget")
+        if not isinstance(o.ridge, (int, float)) or not o.ridge > 0:
+            raise UsageError(f"pass {NAME}: option ridge={o.ridge!r} must be a positive number")
         if o.scope not in ("uniform", "global"):
             raise UsageError(f"pass {NAME}: option scope={o.scope!r} is not one of uniform, global")
         for key in ("round_to", "min_channels"):
@@ -104,39 +138,137 @@ class StructuredSparse(Pass):
         self._plan = read_plan(o.plan) if o.plan else None
 
     def contract_for_options(self) -> Literal["exact", "approximate"]:
-        return "exact" if self.options.criterion == "zero" and not self.options.plan else "approximate"
+        o = self.options
+        exact = o.criterion == "zero" and not o.plan and o.recover in ("auto", "none")
+        return "exact" if exact else "approximate"
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+    def _resolve(self, ctx: PassContext) -> tuple[str, str, dict | None]:
+        """(criterion, recover, calibration feeds or None) once the data is known."""
+        o = self.options
+        real = ctx.calibration is not None and not ctx.calibration_is_random
+        feeds = ctx.calibration if real else None
+        criterion = o.criterion if o.criterion != "auto" else (DEFAULT_DATA_CRITERION if real else "l1")
+        if o.recover == "auto":
+            recover = "lsq" if real and criterion != "zero" else "none"
+        else:
+            recover = o.recover
+        for what, value in (("criterion", criterion if criterion in DATA_CRITERIA else None),
+                            ("recover", recover if recover != "none" else None)):
+            if value is not None and feeds is None:
+                raise UsageError(f"pass {NAME}: option {what}={value} needs calibration data: pass --calibration "
+                                 "FILE.npz with real inputs (or use criterion=l1, recover=none)")
+        return criterion, recover, feeds
+
+    def claims_speedup(self, result: PassResult) -> bool:
+        summary = result.report["summary"]
+        return summary["channels_after"] < summary["channels_before"]
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         started = time.perf_counter()
         o = self.options
-        folded_bn = batchnorm_scales(model) if o.criterion == "bn-scale" else {}
-        analysis = analyze(prepare(model))
-        scored = unit_scores(analysis, o.criterion, folded_bn)
-        scores = {gid: s for gid, (s, _) in scored.items()}
-        if self._plan is not None:
-            decisions = decisions_from_plan(analysis, self._plan, o.plan, scores)
-        else:
-            excluded = self._excluded(analysis, ctx)
-            targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=o.criterion == "zero")
-            decisions = choose(analysis, scores, targets, excluded)
+        phases = Phases()
+        criterion, recover_mode, feeds = self._resolve(ctx)
+        with phases("analysis"):
+            prepared = prepare(model)
+            analysis = analyze(prepared)
+            stats = capture_stats(analysis, prepared, feeds) if feeds is not None else None
+            needs_grams = feeds is not None and (criterion == "reconstruction" or self._budget() is not None)
+            grams = consumer_grams(analysis, prepared, feeds) if needs_grams else []
+        with phases("selection"):
+            scored, sens = self._scores(analysis, criterion, model, stats, grams)
+            scores = {gid: s for gid, (s, _) in scored.items()}
+            decisions, estimate = self._decide(analysis, scores, sens, ctx, model)
         removed = removed_roots(decisions)
         counts = kept_counts(analysis, removed)
         params_before = count_params(model)
+        layers, keep = refit_targets(analysis, removed) if removed else ([], {})
+        recovery = None
         if removed:
             new_model, notes = apply_removal(analysis, removed)
+            if recover_mode != "none" and layers:
+                with phases("recovery"):
+                    recovery = recover(prepared, new_model, layers, keep, feeds, mode=recover_mode, ridge=o.ridge)
+                new_model = recovery.model
+                for text in recovery.warnings:
+                    ctx.warn(f"pass {NAME}: {text}")
         else:
             new_model, notes = self._unchanged(model), {}
         details = self._report(analysis, decisions, scored, counts, notes)
+        details.update(criterion=criterion, recover=recover_mode)
         details["summary"].update(
             params_before=params_before,
             params_after=count_params(new_model),
             seconds=round(time.perf_counter() - started, 3),
+            phases=phases.rounded(),
         )
+        details["summary"].update(fidelity_summary(model, new_model, feeds, ctx.evaluation, estimate, self._budget()))
+        if recovery is not None:
+            details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
             ctx.warn(details["message"])
+        artifacts = ()
         if o.plan_out:
-            write_json(o.plan_out, plan_payload(analysis, decisions, self._settings()))
-        return new_model, details
+            plan = to_json(plan_payload(analysis, decisions, self._settings())) + "\n"
+            artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
+        return PassResult(new_model, details, artifacts)
+
+    def _budget(self) -> tuple[str, float] | None:
+        o = self.options
+        if o.keep_params is not None:
+            return "params", float(o.keep_params)
+        if o.keep_macs is not None:
+            return "macs", float(o.keep_macs)
+        return None
+
+    def _scores(self, analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams
+                ) -> tuple[dict, dict]:
+        """(group -> (scores, note), group -> sensitivity per unit) for the criterion. With calibration data the
+        sensitivity is the measured refitted-error curve of each group along its removal order."""
+        if criterion in DATA_CRITERIA:
+            data = activation_scores(analysis, stats)
+            scored = {g: (s, note) for g, (s, _, note) in data.items()}
+            sens = {g: r for g, (_, r, _) in data.items()}
+            if criterion == "reconstruction":
+                obs = obs_scores(analysis, grams)
+                for group in analysis.groups:
+                    if all(int(r) in obs for r in group.roots):
+                        scored[group.id] = (np.array([obs[int(r)] for r in group.roots]), None)
+            if grams:
+                orders = {g.id: [int(i) for i in np.argsort(scored[g.id][0], kind="stable") if g.prunable[i]]
+                          for g in analysis.groups}
+                for gid, curve in group_curves(analysis, grams, orders).items():
+                    per_unit = np.zeros(len(scored[gid][0]))
+                    per_unit[orders[gid]] = marginal_costs(curve)
+                    sens[gid] = per_unit
+            return scored, sens
+        folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
+        scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
+        sens = {}
+        for gid, (values, _) in scored.items():
+            mean = values.mean() if values.size and values.mean() > 0 else 1.0
+            sens[gid] = values / mean
+        return scored, sens
+
+    def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto
+                ) -> tuple[list[Decision], float | None]:
+        o = self.options
+        if self._plan is not None:
+            return decisions_from_plan(analysis, self._plan, o.plan, scores), None
+        excluded = self._excluded(analysis, ctx)
+        exact = o.criterion == "zero"
+        targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=exact)
+        wanted = self._budget()
+        if wanted is None:
+            return choose(analysis, scores, targets, excluded), None
+        metric, fraction = wanted
+
+        def count(m: onnx.ModelProto) -> float:
+            return float(count_params(m) if metric == "params" else model_stats(m)["macs"])
+
+        budget = Budget(metric, fraction, count(model), count(analysis.view.source))
+        decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, CostModel(analysis),
+                                       budget, lambda ds: finish(analysis, ds, targets), o.min_channels)
+        return settle(decisions), estimate
 
     @staticmethod
     def _unchanged(model: onnx.ModelProto) -> onnx.ModelProto:

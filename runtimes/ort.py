@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
 from optimizer.errors import RuntimeFailure, UsageError
 
 
@@ -24,8 +25,13 @@ class OrtSession:
         except Exception as e:  # onnxruntime raises its own exception types for every load failure
             raise RuntimeFailure(f"onnxruntime cannot load the model: {_first_line(e)}") from e
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self.batch = fixed_batch(graph_inputs(model))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; more samples than a fixed batch are fed in chunks (optimizer.data.feed_in_chunks)."""
+        return feed_in_chunks(self._run_once, feeds, self.batch)
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outputs = self._session.run(self.output_names, feeds)
         except Exception as e:

@@ -254,11 +254,13 @@ def test_coverage_below_one_can_lower_the_plan():
     assert most["adc_plan"] == [1, 1, 1, 1]
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_is_a_png_artifact_not_a_file_written_by_the_pass(tmp_path):
     path = tmp_path / "slices.png"
-    _, report = run_bit_slice(quantized_conv_model(), plot=str(path))
-    assert report["plot"] == str(path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = BitSlice(BitSlice.Options(plot=str(path))).run(quantized_conv_model(), PassContext())
+    assert result.report["plot"] == str(path) and not path.exists()
+    (artifact,) = result.artifacts
+    assert (artifact.path, artifact.what) == (str(path), "bit-slice plot")
+    assert artifact.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_digits_pipeline_verifies_bit_slice_as_exact(digits_assets):

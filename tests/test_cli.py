@@ -161,6 +161,7 @@ def test_compare_and_inspect(digits_assets, capsys):
 
 
 def test_exact_pass_that_changes_outputs_fails(digits_assets, tmp_path, capsys, monkeypatch):
+    from passes import PassResult
     from passes.cleanup import Cleanup
 
     def corrupt(self, model, ctx):
@@ -168,7 +169,7 @@ def test_exact_pass_that_changes_outputs_fails(digits_assets, tmp_path, capsys, 
         broken.CopyFrom(model)
         broken.graph.initializer[0].CopyFrom(numpy_helper.from_array(
             numpy_helper.to_array(broken.graph.initializer[0]) * 1.5, broken.graph.initializer[0].name))
-        return broken, {}
+        return PassResult(broken, {})
 
     monkeypatch.setattr(Cleanup, "run", corrupt)
     out = tmp_path / "out.onnx"

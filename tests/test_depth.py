@@ -119,10 +119,10 @@ def test_finder_lists_identity_blocks_and_declines_projections(family, request):
     assert sorted(module_path(b.name) for b in blocks) == sorted(expected)
     assert len(blocks) == (3 if family == "resnet" else 2)  # (2,1,2,1) blocks: stages 0, 0 and 2 keep the shape
     projections = projection_blocks(torch_model)
-    assert sorted(module_path(d.add) for d in declined) == sorted(projections)
+    assert sorted(module_path(d.node) for d in declined) == sorted(projections)
     for entry in declined:
-        assert entry.reason.startswith("projection shortcut")
-        assert f"{module_path(entry.add)}/down/Conv" in entry.reason
+        assert entry.code == "projection-shortcut" and entry.why.startswith("projection shortcut")
+        assert f"{module_path(entry.node)}/down/Conv" in entry.why
 
 
 # --- 2. removal against PyTorch with the branch zeroed ------------------------------------------------------

@@ -210,7 +210,10 @@ def test_unfolded_batchnorm_warns_to_run_cleanup_first():
     bn = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("gamma", "beta", "mean", "var")]
     model.graph.initializer.extend(bn)
     model.graph.node[1].input[0] = "bn"
-    model.graph.node.insert(1, helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"]))
+    nodes = list(model.graph.node)
+    nodes[1:1] = [helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"])]
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
     ctx = PassContext(calibration=calibration(), calibration_is_random=False)
     run_quantize(_check(model), ctx)
     assert any("run the cleanup pass first" in w for w in ctx.warnings)
@@ -242,7 +245,8 @@ def test_quantizing_twice_declines_every_layer_and_changes_nothing():
 def test_excluded_and_unsupported_nodes_are_declined_with_reasons():
     model = conv_net()
     quantized, report = run_quantize(model, exclude="^head$")
-    assert {"node": "head", "op": "MatMul", "reason": "excluded by the exclude option"} in report["declined"]
+    assert {"node": "head", "op": "MatMul", "code": "excluded", "reason": "excluded by the exclude option"} \
+        in report["declined"]
     head = next(n for n in quantized.graph.node if n.name == "head")
     assert head.input[1] == "w4", "the excluded node keeps its float weight"
     graph = helper.make_graph(
@@ -264,7 +268,8 @@ def test_digits_cnn_8bit_dfp_per_channel_keeps_top1_within_one_point(digits_asse
 
     cal, evaluation = load_npz(digits_assets.calibration), load_npz(digits_assets.eval)
     options = {"bits": 8, "scale": "dfp", "granularity": "channel"}
-    model, report = optimize(digits_assets.model, ["cleanup", ("quantize", options)], cal, evaluation)
+    model, report = optimize(digits_assets.model, ["cleanup", ("quantize", options)], calibration=cal,
+                             evaluation=evaluation)
     drop = 100 * (report["eval"]["input"] - report["eval"]["output"])
     assert drop <= 1.0, report["eval"]
     details = report["passes"][1]["details"]

@@ -159,7 +159,7 @@ def test_exclude_leaves_matching_nodes_dense_and_says_so():
     model = _model()
     result, details = _run(model, sparsity=0.5, pattern="16x1", exclude="^conv$")
     assert {row["initializer"] for row in details["layers"]} == {"fc1_w", "mm_w", "fc2_w"}
-    assert any(line.startswith("conv:") for line in details["skipped"])
+    assert {"node": "conv", "op": "Conv", "code": "excluded", "reason": "excluded by pattern"} in details["skipped"]
     assert np.all(_weights(result)["conv_w"] == _weights(model)["conv_w"])
 
 

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from sparse_families import FAMILIES, build, export, sample_input, zero_fraction
 
 from optimizer import optimize
+from optimizer.pipeline import write_artifacts
 from passes import PassContext
 from passes.structured_sparse import StructuredSparse
 
@@ -39,7 +40,9 @@ def float_params(model: onnx.ModelProto) -> int:
 
 def run_pass(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict, PassContext]:
     ctx = PassContext()
-    new, details = StructuredSparse(StructuredSparse.Options(**options)).run(model, ctx)
+    result = StructuredSparse(StructuredSparse.Options(**options)).run(model, ctx)
+    write_artifacts(result.artifacts)
+    new, details = result
     onnx.checker.check_model(new, full_check=True)
     assert io_shapes(new) == io_shapes(model)
     return new, details, ctx

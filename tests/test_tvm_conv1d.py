@@ -138,7 +138,7 @@ def test_conv1d_with_stride_padding_dilation_groups_matches_ort(batch):
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_block_sparse_conv1d_matches_ort(batch):
-    model = Sparsify(Sparsify.Options(sparsity=0.5, pattern="8x1")).run(conv1d_model(), PassContext())[0]
+    model = Sparsify(Sparsify.Options(sparsity=0.5, pattern="8x1")).run(conv1d_model(), PassContext()).model
     session = runtimes.load("tvm", model, batch=batch, threads=1, sparse="always", block="8x1", cache=False)
     _assert_matches_ort(model, session, _feeds(model, batch))
     layers = _layers(session)
@@ -163,7 +163,7 @@ def test_tdnn_with_statistics_pooling_matches_ort(batch):
 
 
 def test_block_sparse_tdnn_matches_ort():
-    model = Sparsify(Sparsify.Options(sparsity=0.75, pattern="16x1")).run(tdnn_model(), PassContext())[0]
+    model = Sparsify(Sparsify.Options(sparsity=0.75, pattern="16x1")).run(tdnn_model(), PassContext()).model
     session = runtimes.load("tvm", model, batch=1, threads=1, sparse="always", cache=False)
     _assert_matches_ort(model, session, _feeds(model, 1))
     layers = _layers(session)

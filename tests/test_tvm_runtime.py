@@ -156,7 +156,7 @@ def transformer_model() -> onnx.ModelProto:
 
 def sparsified(model: onnx.ModelProto, pattern: str, sparsity: float, exclude: str | None = None) -> onnx.ModelProto:
     options = Sparsify.Options(sparsity=sparsity, pattern=pattern, exclude=exclude)
-    return Sparsify(options).run(model, PassContext())[0]
+    return Sparsify(options).run(model, PassContext()).model
 
 
 def _feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from optimizer import quant
@@ -79,10 +78,7 @@ def export(
             )
     finally:
         module.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
-    _fold_constants(proto.graph)
-    _fold_weight_quantizers(proto)
-    _quantize_biases(proto.graph, quantization)
+    proto = _fold_exported(onnx.load_from_string(buffer.getvalue()), quantization)
     _write_metadata(proto, _sculpt_metadata(proto, regularizer, quantization, metadata))
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -151,96 +147,80 @@ def _write_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
         set_metadata(proto, key, value)
 
 
-def _fold_constants(graph: onnx.GraphProto) -> None:
+def _fold_exported(proto: onnx.ModelProto, quantization: dict) -> onnx.ModelProto:
+    """Constants to initializers, weight quantizers to integer initializers, QAT biases to int32 codes; one
+    graph-edit session (passes.graph.edit), swept and sorted at the end."""
+    from passes.graph.edit import GraphEdit
+
+    edit = GraphEdit(proto)
+    _fold_constants(edit)
+    _fold_weight_quantizers(edit)
+    _quantize_biases(edit, quantization)
+    return edit.to_model()
+
+
+def _constant(tensor) -> np.ndarray | None:
+    import onnx_graphsurgeon as gs
+
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _fold_constants(edit) -> None:
     """Constant nodes and Cast(constant) -> initializers. The exporter writes every quantizer scale, zero point
     and clip bound that way; as initializers the QDQ pattern is the standard one that other tools read."""
-    for node in [n for n in graph.node if n.op_type == "Constant"]:
-        if node.attribute and node.attribute[0].name == "value":
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t),
-                                                             node.output[0]))
-            graph.node.remove(node)
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in [n for n in graph.node if n.op_type == "Cast" and n.input[0] in constants]:
-        to = next(a.i for a in node.attribute if a.name == "to")
-        value = constants[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        graph.node.remove(node)
-    _drop_unused(graph)
+    for node in [n for n in edit.graph.nodes if n.op == "Constant"]:
+        value = _constant(node.attrs.get("value"))
+        if value is not None:
+            edit.constant_node_to_initializer(node, value)
+    for node in [n for n in edit.graph.nodes if n.op == "Cast" and _constant(n.inputs[0]) is not None]:
+        value = _constant(node.inputs[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        edit.constant_node_to_initializer(node, value)
 
 
-def _fold_weight_quantizers(proto: onnx.ModelProto) -> None:
+def _fold_weight_quantizers(edit) -> None:
     """QuantizeLinear(float weight initializer) -> an int8 initializer holding the codes (optimizer.quant math).
 
     What is left is the standard QDQ weight form, int8 initializer -> DequantizeLinear, which the `bit-slice`
     pass and the ReRAM runtime read directly.
     """
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    constants = {name: numpy_helper.to_array(t) for name, t in initializers.items()}
-    folded = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[0]])
-        scale, zero_point = constants.get(node.input[1]), constants.get(node.input[2])
+    for node in [n for n in edit.graph.nodes if n.op == "QuantizeLinear" and _constant(n.inputs[0]) is not None]:
+        weight = _constant(node.inputs[0])
+        scale, zero_point = _constant(node.inputs[1]), _constant(node.inputs[2])
         if scale is None or zero_point is None or np.any(zero_point != 0) or zero_point.dtype != np.int8:
             raise ModelError(f"QuantizeLinear {node.name}: expected a constant scale and a zero int8 zero point")
         fl = -np.log2(scale.astype(np.float64))
         if not np.allclose(fl, np.round(fl)):
             raise ModelError(f"QuantizeLinear {node.name}: scale {scale} is not a power of two (not DFP)")
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = node.attrs.get("axis", 1)
         fl = np.round(fl).astype(np.int64)
         if fl.ndim == 1:
             fl = fl.reshape([-1 if i == axis % weight.ndim else 1 for i in range(weight.ndim)])
         codes = quant.quantize_dfp(weight, 8, fl).astype(np.int8)
-        name = f"{node.input[0]}_quantized"
-        graph.initializer.append(numpy_helper.from_array(codes, name))
-        folded.append((node, name))
-    for node, name in folded:
-        for consumer in graph.node:
-            for i, tensor in enumerate(consumer.input):
-                if tensor == node.output[0]:
-                    consumer.input[i] = name
-        graph.node.remove(node)
-    _drop_unused(graph)
+        edit.remove_node(node, edit.add_initializer(codes, f"{node.inputs[0].name}_quantized"))
 
 
-def _quantize_biases(graph: onnx.GraphProto, quantization: dict) -> None:
+def _quantize_biases(edit, quantization: dict) -> None:
     """A QAT layer's bias (already on its grid, see quantization.export_mode) -> int32 codes -> DequantizeLinear
     with scale 2^-(fl_in + fl_w), the bias form the `quantize` pass writes."""
-    initializers = {t.name: t for t in graph.initializer}
+    tensors = edit.graph.tensors()
     for layer, info in quantization.items():
         name = f"{layer}.bias"
-        if info["bias_frac_length"] is None or name not in initializers:
+        bias = _constant(tensors.get(name))
+        if info["bias_frac_length"] is None or bias is None:
             continue
         fl = np.asarray(info["bias_frac_length"], dtype=np.int64)
-        bias = numpy_helper.to_array(initializers[name]).astype(np.float64)
-        codes = np.rint(bias * np.exp2(fl))
+        codes = np.rint(bias.astype(np.float64) * np.exp2(fl))
         if np.abs(codes).max(initial=0) > quant.qmax(32):
             raise ModelError(f"layer {layer}: a bias code overflows int32 (bias too large for its grid)")
         per_channel = fl.ndim == 1
         scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
-        graph.initializer.extend([
-            numpy_helper.from_array(codes.astype(np.int32), f"{name}_quantized"),
-            numpy_helper.from_array(scale, f"{name}_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{name}_zero_point"),
-        ])
-        dequantize = onnx.helper.make_node(
-            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
-            name=f"{layer}/bias_DequantizeLinear", **({"axis": 0} if per_channel else {}),
-        )
-        readers = [n for n in graph.node if name in n.input]
-        for reader in readers:
-            reader.input[list(reader.input).index(name)] = f"{name}_dequantized"
-        graph.node.insert(min(list(graph.node).index(r) for r in readers), dequantize)
-    _drop_unused(graph)
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove initializers that nothing reads any more (after folding)."""
-    used = {tensor for node in graph.node for tensor in node.input} | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+        inputs = [edit.add_initializer(codes.astype(np.int32), f"{name}_quantized"),
+                  edit.add_initializer(scale, f"{name}_scale"),
+                  edit.add_initializer(np.zeros(scale.shape, np.int32), f"{name}_zero_point")]
+        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
+        edit.replace_uses(tensors[name], dequantized)
+        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/bias_DequantizeLinear",
+                      attrs={"axis": 0} if per_channel else None)
 
 
 class _CallableModule(types.ModuleType):

@@ -4,7 +4,7 @@ An *atom* is one output channel of one producer (Conv, ConvTranspose, Gemm, MatM
 Every tensor the channels flow into carries a `Space`: the axis they sit on and, per position along that axis,
 the atom found there (`OPAQUE` where the channel has no prunable origin, e.g. it came from a graph input).
 Ops that force channels to be removed together (a residual `Add`, a depthwise Conv, a channel shuffle) *tie*
-atoms in a union-find; ops that cannot follow a channel *block* it with a `Reason`. A *unit* is one class of
+atoms in a union-find; ops that cannot follow a channel *block* it with a `Decline`. A *unit* is one class of
 the union-find: the smallest set of channels that can be removed, and removing it removes every position
 where one of its atoms appears.
 
@@ -20,21 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.declines import Decline
 from passes.graph.ir import GraphView
 
 OPAQUE = -1
-
-
-@dataclass(frozen=True)
-class Reason:
-    """Why channels could not be removed: the node (or tensor) that stops them, its op, and why."""
-
-    node: str
-    op: str
-    why: str
-
-    def __str__(self) -> str:
-        return f"{self.op} {self.node}: {self.why}"
 
 
 @dataclass
@@ -80,7 +69,7 @@ class Atoms:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self.origin: list[tuple[int, int]] = []  # atom -> (source index, position in the source)
-        self._blocked: dict[int, list[Reason]] = {}
+        self._blocked: dict[int, list[Decline]] = {}
         self._frozen: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -124,12 +113,12 @@ class Atoms:
         if rb in self._blocked:
             self._blocked.setdefault(ra, []).extend(self._blocked.pop(rb))
 
-    def block(self, atom: int, reason: Reason) -> None:
+    def block(self, atom: int, reason: Decline) -> None:
         reasons = self._blocked.setdefault(self.find(atom), [])
         if reason not in reasons:
             reasons.append(reason)
 
-    def reasons(self, atom: int) -> list[Reason]:
+    def reasons(self, atom: int) -> list[Decline]:
         return self._blocked.get(self.find(atom), [])
 
 
@@ -198,7 +187,7 @@ class ChannelState:
         self.spaces[tensor.name] = space
         self.members.append(Member(node.name, tensor.name, space.axis, role))
         if tensor.name in self.view.outer_scope_names:
-            self.block(space.ids, Reason(tensor.name, "tensor", "read inside an If/Loop/Scan body"))
+            self.block(space.ids, Decline(tensor.name, "tensor", "control-flow", "read inside an If/Loop/Scan body"))
 
     def member(self, node: gs.Node, tensor: gs.Tensor, role: str) -> None:
         space = self.space(tensor)
@@ -228,8 +217,8 @@ class ChannelState:
 
     def tie(self, a: np.ndarray, b: np.ndarray, node: gs.Node, why: str) -> None:
         """Tie atoms position by position; an atom tied to an OPAQUE position is blocked."""
-        opaque = Reason(node.name, node.op, f"{why}, and some of them have no prunable origin (a graph input or "
-                                           "an unsupported op)")
+        opaque = Decline(node.name, node.op, "no-prunable-origin",
+                         f"{why}, and some of them have no prunable origin (a graph input or an unsupported op)")
         for x, y in zip(a.tolist(), b.tolist(), strict=True):
             if x == OPAQUE and y == OPAQUE:
                 continue
@@ -243,14 +232,15 @@ class ChannelState:
         flat = ids.ravel()
         self.tie(np.full_like(flat, flat[0]), flat, node, why)
 
-    def block(self, ids: np.ndarray, reason: Reason) -> None:
+    def block(self, ids: np.ndarray, reason: Decline) -> None:
         for atom in np.unique(ids):
             if atom != OPAQUE:
                 self.atoms.block(int(atom), reason)
 
-    def block_node(self, node: gs.Node, why: str, indices: list[int] | None = None) -> None:
-        """Block the channels of the node's inputs (all, or those at `indices`) with one reason."""
-        reason = Reason(node.name, node.op, why)
+    def block_node(self, node: gs.Node, why: str, indices: list[int] | None = None, *,
+                   code: str = "channel-blocked") -> None:
+        """Block the channels of the node's inputs (all, or those at `indices`) with one Decline."""
+        reason = Decline(node.name, node.op, code, why)
         for i, tensor in enumerate(node.inputs):
             space = self.space(tensor)
             if space is not None and (indices is None or i in indices):

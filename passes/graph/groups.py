@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from passes.graph.channels import OPAQUE, ChannelState, Member, Reason, Source
+from optimizer.declines import Decline
+from passes.graph.channels import OPAQUE, ChannelState, Member, Source
 from passes.graph.handlers import handler_for
 from passes.graph.ir import GraphView
 
@@ -40,7 +41,7 @@ class Group:
     id: int
     sources: list[Source]
     roots: np.ndarray
-    blocked: list[list[Reason]]
+    blocked: list[list[Decline]]
     exact: np.ndarray
     members: list[Member] = field(default_factory=list)
 
@@ -60,8 +61,8 @@ class Group:
     def prunable(self) -> np.ndarray:
         return np.array([not reasons for reasons in self.blocked], dtype=bool)
 
-    def reasons(self) -> list[Reason]:
-        seen: list[Reason] = []
+    def reasons(self) -> list[Decline]:
+        seen: list[Decline] = []
         for reasons in self.blocked:
             seen.extend(r for r in reasons if r not in seen)
         return seen
@@ -89,11 +90,13 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         try:
             handler.propagate(node, state)
         except Exception as error:  # a handler bug must cost this node its channels, never the whole run
-            state.block_node(node, f"the channel analysis failed here ({type(error).__name__}: {error})")
+            state.block_node(node, f"the channel analysis failed here ({type(error).__name__}: {error})",
+                             code="analysis-failed")
     for tensor in view.graph.outputs:
         space = state.space(tensor)
         if space is not None:
-            state.block(space.ids, Reason(tensor.name, "graph output", "a graph output keeps its shape"))
+            output = Decline(tensor.name, "graph output", "graph-output", "a graph output keeps its shape")
+            state.block(space.ids, output)
     return Analysis(view, state, _build_groups(state), structure_fingerprint(view))
 
 

@@ -44,7 +44,7 @@ class UnsupportedHandler(Handler):
 
     def propagate(self, node: gs.Node, state: ChannelState) -> None:
         domain = f"{node.domain}::" if node.domain not in (None, "", "ai.onnx") else ""
-        state.block_node(node, f"{domain}{node.op} is not supported by the channel analysis")
+        state.block_node(node, f"{domain}{node.op} is not supported by the channel analysis", code="unsupported-op")
 
 
 UNSUPPORTED = UnsupportedHandler()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graph.channels import ChannelState, NormScales, Reason, Space
+from optimizer.declines import Decline
+from passes.graph.channels import ChannelState, NormScales, Space
 from passes.graph.constants import evaluate
 from passes.graph.handler import Cut, Handler, aligned_axis, attr, normalize_axis
 
@@ -127,9 +128,10 @@ class ElementwiseHandler(Handler):
                 continue
             value = view.constant(tensor)
             if value is None or shape[local] != size:
-                reason = Reason(
+                reason = Decline(
                     node.name,
                     node.op,
+                    "no-prunable-origin",
                     f"combines the channels with {tensor.name}, whose channels have no prunable origin",
                 )
                 for space in tracked.values():

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graph.channels import ChannelState, Reason, Space
+from optimizer.declines import Decline
+from passes.graph.channels import ChannelState, Space
 from passes.graph.handler import Cut, Handler, attr, axes_operand, normalize_axis
 from passes.graph.regroup import regroup, resolve_target
 
@@ -278,8 +279,8 @@ class ReshapeHandler(Handler):
         _carry(node, state, space, in_dims, resolve_target(in_dims, entries, bool(attr(node, "allowzero", 0))))
         out_space = state.space(node.outputs[0])
         if out_space is not None and not isinstance(entries[out_space.axis], int):
-            state.block(out_space.ids, Reason(node.name, node.op, "the channel entry of its target shape is computed "
-                                                                  "at run time"))
+            state.block(out_space.ids, Decline(node.name, node.op, "runtime-shape",
+                                               "the channel entry of its target shape is computed at run time"))
 
     def prune(self, node: gs.Node, state: ChannelState, cut: Cut) -> None:
         out_space, keep = state.space(node.outputs[0]), cut.keep(node.outputs[0])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graph.channels import ChannelState, ConsumerTerm, Reason, Space
+from optimizer.declines import Decline
+from passes.graph.channels import ChannelState, ConsumerTerm, Space
 from passes.graph.handler import Cut, Handler, attr, zero_slices
 
 
@@ -371,5 +372,5 @@ class MatMulHandler(Handler):
             view.add_bias_after(node, bias if weight_is_b else bias.reshape(-1, 1))
 
 
-def _reason(node: gs.Node, why: str) -> Reason:
-    return Reason(node.name, node.op, why)
+def _reason(node: gs.Node, why: str) -> Decline:
+    return Decline(node.name, node.op, "channel-blocked", why)

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer import quant
+from optimizer.declines import Decline
 from optimizer.model import metadata_value, set_metadata
 
 METADATA_KEY = quant.QUANT_METADATA_KEY
@@ -38,46 +39,41 @@ class Site:
     activation_inputs: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Decline:
-    node: str
-    op: str
-    reason: str
-
-
 # --- which nodes carry weights, and which axis is their output channel --------------------------------------------
 
 
-def _conv_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | str:
+def _conv_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | Decline:
     if node.input[1] not in constants:
         return Site(index, node, None, None, (0, 1))
     return Site(index, node, 1, 0, (0,))
 
 
-def _gemm_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | str:
+def _gemm_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | Decline:
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     if node.input[0] in constants and node.input[1] not in constants:
-        return "a constant A operand is not supported (only a constant B is a crossbar weight)"
+        return Decline(node.name, node.op_type, "constant-activation",
+                       "a constant A operand is not supported (only a constant B is a crossbar weight)")
     if node.input[1] not in constants:
         return Site(index, node, None, None, (0, 1))
     return Site(index, node, 1, 0 if trans_b else 1, (0,))
 
 
-def _matmul_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | str:
+def _matmul_site(index: int, node: onnx.NodeProto, constants: set[str]) -> Site | Decline:
     if node.input[0] in constants and node.input[1] not in constants:
-        return "a constant first operand is not supported (only a constant second operand is a crossbar weight)"
+        return Decline(node.name, node.op_type, "constant-activation", "a constant first operand is not supported "
+                       "(only a constant second operand is a crossbar weight)")
     if node.input[1] not in constants:
         return Site(index, node, None, None, (0, 1))
     return Site(index, node, 1, 1, (0,))
 
 
 SITE_HANDLERS = {"Conv": _conv_site, "Gemm": _gemm_site, "MatMul": _matmul_site}
-NOT_HANDLED = {
-    "ConvTranspose": "ConvTranspose weights ([C_in, C_out/group, ...]) are not quantized yet",
-    "QLinearConv": "already quantized",
-    "QLinearMatMul": "already quantized",
-    "ConvInteger": "already quantized",
-    "MatMulInteger": "already quantized",
+NOT_HANDLED = {  # op -> (code, why)
+    "ConvTranspose": ("not-handled", "ConvTranspose weights ([C_in, C_out/group, ...]) are not quantized yet"),
+    "QLinearConv": ("already-quantized", "already quantized"),
+    "QLinearMatMul": ("already-quantized", "already quantized"),
+    "ConvInteger": ("already-quantized", "already quantized"),
+    "MatMulInteger": ("already-quantized", "already quantized"),
 }
 
 
@@ -100,24 +96,25 @@ def find_sites(model: onnx.ModelProto, exclude=None) -> tuple[list[Site], list[D
     sites, declines = [], []
     for index, node in enumerate(model.graph.node):
         if node.op_type in NOT_HANDLED:
-            declines.append(Decline(node.name, node.op_type, NOT_HANDLED[node.op_type]))
+            declines.append(Decline(node.name, node.op_type, *NOT_HANDLED[node.op_type]))
             continue
         handler = SITE_HANDLERS.get(node.op_type)
         if handler is None or node.domain not in ("", "ai.onnx"):
-            continue
+            continue  # not a weight op: nothing to quantize, nothing to report
         if any(name in dequantized for name in node.input):
             declines.append(
-                Decline(node.name, node.op_type, "already quantized (an input comes from DequantizeLinear)")
+                Decline(node.name, node.op_type, "already-quantized",
+                        "already quantized (an input comes from DequantizeLinear)")
             )
             continue
         if exclude is not None and exclude.search(node.name):
-            declines.append(Decline(node.name, node.op_type, "excluded by the exclude option"))
+            declines.append(Decline(node.name, node.op_type, "excluded", "excluded by the exclude option"))
             continue
         site = handler(index, node, all_constants)
-        if isinstance(site, str):
-            declines.append(Decline(node.name, node.op_type, site))
+        if isinstance(site, Decline):
+            declines.append(site)
         elif site.weight_input is not None and node.input[site.weight_input] not in constants:
-            declines.append(Decline(node.name, node.op_type, "the weight initializer is not float32"))
+            declines.append(Decline(node.name, node.op_type, "not-float32", "the weight initializer is not float32"))
         else:
             sites.append(site)
     return sites, declines
@@ -259,8 +256,9 @@ class QdqPlan:
     granularity: str
 
 
-def write_qdq(model: onnx.ModelProto, plan: QdqPlan) -> dict:
-    """Insert DequantizeLinear for weights and biases and Q/DQ pairs for activations in place; return the metadata."""
+def insert_qdq(model: onnx.ModelProto, plan: QdqPlan) -> tuple[dict, list[Decline]]:
+    """Insert DequantizeLinear for weights and biases and Q/DQ pairs for activations in place; return the metadata
+    and a Decline for every bias kept in float."""
     rewrite = Rewrite(_Names(model))
     metadata: dict = {
         "version": 1,
@@ -292,35 +290,45 @@ def write_qdq(model: onnx.ModelProto, plan: QdqPlan) -> dict:
             "zero_point": grid.zero_point,
             "frac_length": grid.frac_length,
         }
+    declines = []
     for site in plan.sites:
+        if len(site.node.input) < 3 or not site.node.input[2]:
+            continue  # no bias: nothing to quantize
         bias = _bias_nodes(rewrite, model, site, plan)
-        if bias is not None:
+        if isinstance(bias, Decline):
+            declines.append(bias)
+        else:
             rewrite.per_node[(site.index, 2)] = bias
     _insert(model, plan.sites, rewrite)
     _store_metadata(model, metadata)
-    return metadata
+    return metadata, declines
 
 
-def _bias_nodes(rewrite: Rewrite, model: onnx.ModelProto, site: Site, plan: QdqPlan):
+def _bias_nodes(rewrite: Rewrite, model: onnx.ModelProto, site: Site, plan: QdqPlan
+                ) -> tuple[str, list[onnx.NodeProto]] | Decline:
     """int32 bias with scale s_x · s_w (zero point 0), the standard QDQ form that lets runtimes fuse the node.
 
     For dfp the scale is 2^-(fl_x + fl_w), exact. Kept float when the node has no 1-D constant bias per output
     channel, when its data input or weight is not quantized, or when a code would overflow int32.
     """
     node = site.node
-    if site.weight_input is None or len(node.input) < 3 or node.input[0] not in plan.activations:
-        return None
+
+    def float_bias(code: str, why: str) -> Decline:
+        return Decline(node.name, node.op_type, code, f"bias {node.input[2]!r} kept in float: {why}")
+
+    if site.weight_input is None or node.input[0] not in plan.activations:
+        return float_bias("input-not-quantized", "the data input or the weight is not quantized")
     tensor = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
     grid = plan.weights[node.input[site.weight_input]]
     if tensor is None or tensor.data_type != TensorProto.FLOAT:
-        return None
+        return float_bias("not-float32", "it is not a float32 initializer")
     bias = numpy_helper.to_array(tensor).astype(np.float64)
     if bias.shape != (grid.codes.shape[site.channel_axis],):
-        return None
+        return float_bias("bias-shape", f"shape {list(bias.shape)} is not one value per output channel")
     scale = (np.float64(plan.activations[node.input[0]].scale) * grid.scale.astype(np.float64)).astype(np.float32)
     codes = np.rint(bias / scale.astype(np.float64))
     if not np.all(scale > 0) or np.abs(codes).max(initial=0) >= 2**31 - 1:
-        return None
+        return float_bias("int32-overflow", "its codes would overflow int32 (or a scale is 0)")
     per_channel = grid.axis is not None
     _, dq = rewrite.dequantize(
         node.input[2], codes.astype(np.int32), scale if per_channel else scale[0], 0 if per_channel else None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from optimizer.declines import Decline
 from passes.graph.ir import GraphView
 
 JOIN_OPS = ("Add", "Sum")
@@ -36,20 +37,13 @@ class ResidualBlock:
         return node_label(self.add)
 
 
-@dataclass
-class Declined:
-    """An Add of two activations that is not a removable identity residual block, and why."""
-
-    add: str
-    reason: str
-
-
 def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}({node.outputs[0].name if node.outputs else '?'})"
 
 
-def find_residual_blocks(view: GraphView) -> tuple[list[ResidualBlock], list[Declined]]:
-    """Every identity residual block of the graph (in graph order) and every declined activation join."""
+def find_residual_blocks(view: GraphView) -> tuple[list[ResidualBlock], list[Decline]]:
+    """Every identity residual block of the graph (in graph order), and a Decline for every other activation join
+    (an Add of two activations that is not a removable identity residual block)."""
     order = {id(node): i for i, node in enumerate(view.graph.nodes)}
     blocks, declined = [], []
     for node in view.graph.nodes:
@@ -59,22 +53,22 @@ def find_residual_blocks(view: GraphView) -> tuple[list[ResidualBlock], list[Dec
         if len(activations) < 2:
             continue  # a bias or a constant offset, not a join of two paths
         if len(node.inputs) != 2:
-            declined.append(Declined(node_label(node), f"{node.op} of {len(node.inputs)} inputs; only two-input "
-                                                       "joins are residual blocks"))
+            declined.append(Decline(node_label(node), node.op, "join-arity", f"{node.op} of {len(node.inputs)} "
+                                    "inputs; only two-input joins are residual blocks"))
             continue
         if node.inputs[0] is node.inputs[1]:
-            declined.append(Declined(node_label(node), f"adds {node.inputs[0].name!r} to itself"))
+            declined.append(Decline(node_label(node), node.op, "self-join", f"adds {node.inputs[0].name!r} to itself"))
             continue
         found = _identity_block(view, order, node)
         if isinstance(found, ResidualBlock):
             blocks.append(found)
         else:
-            declined.append(Declined(node_label(node), found))
+            declined.append(found)
     return blocks, declined
 
 
-def _identity_block(view: GraphView, order: dict[int, int], add: gs.Node) -> ResidualBlock | str:
-    """The block with either input as the skip, or the reason neither works."""
+def _identity_block(view: GraphView, order: dict[int, int], add: gs.Node) -> ResidualBlock | Decline:
+    """The block with either input as the skip, or the Decline saying why neither works."""
     reasons = []
     for branch_index in (0, 1):
         out, skip = add.inputs[branch_index], add.inputs[1 - branch_index]
@@ -86,7 +80,10 @@ def _identity_block(view: GraphView, order: dict[int, int], add: gs.Node) -> Res
             nodes = problem
         reasons.append(f"with skip {skip.name!r}: {nodes}")
     projection = _projection_reason(view, order, add)
-    return projection or "not an identity residual block (" + "; ".join(reasons) + ")"
+    if projection is not None:
+        return Decline(node_label(add), add.op, "projection-shortcut", projection)
+    return Decline(node_label(add), add.op, "not-identity",
+                   "not an identity residual block (" + "; ".join(reasons) + ")")
 
 
 def branch_nodes(view: GraphView, order: dict[int, int], source: gs.Tensor, out: gs.Tensor) -> list[gs.Node] | str:

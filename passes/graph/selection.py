@@ -56,18 +56,47 @@ def _round(decision: Decision, targets: Targets) -> None:
     decision.keep[removed[: wanted - kept]] = True
 
 
-def choose(
-    analysis: Analysis, scores: dict[int, np.ndarray], targets: Targets, excluded: dict[int, str]
-) -> list[Decision]:
+def initial(analysis: Analysis, scores: dict[int, np.ndarray], excluded: dict[int, str]) -> list[Decision]:
+    """One decision per group, everything kept; excluded and unprunable groups get their status and reason."""
     decisions = []
     for group in analysis.groups:
         decision = Decision(group, np.ones(group.channels, dtype=bool), scores[group.id])
-        candidates = group.exact if targets.exact_only else group.prunable
         if group.id in excluded:
             decision.status, decision.why = STATUS_EXCLUDED, excluded[group.id]
         elif not group.prunable.any():
             decision.status, decision.why = STATUS_DECLINED, "; ".join(map(str, group.reasons()))
-        elif targets.exact_only:
+        decisions.append(decision)
+    return decisions
+
+
+def finish(analysis: Analysis, decisions: list[Decision], targets: Targets) -> None:
+    """round_to / min_channels on every open group, then no tensor left without channels."""
+    for decision in decisions:
+        if decision.status == STATUS_UNCHANGED:
+            _round(decision, targets)
+    restore_nonempty(analysis, decisions)
+
+
+def settle(decisions: list[Decision]) -> list[Decision]:
+    """Final statuses: pruned where something goes, else a reason why nothing does."""
+    for decision in decisions:
+        if decision.status == STATUS_UNCHANGED and not decision.keep.all():
+            decision.status = STATUS_PRUNED
+        elif decision.status == STATUS_UNCHANGED and decision.why is None:
+            decision.why = "nothing to remove at this ratio, round_to and min_channels"
+    return decisions
+
+
+def choose(
+    analysis: Analysis, scores: dict[int, np.ndarray], targets: Targets, excluded: dict[int, str]
+) -> list[Decision]:
+    decisions = initial(analysis, scores, excluded)
+    for decision in decisions:
+        group = decision.group
+        candidates = group.exact if targets.exact_only else group.prunable
+        if decision.status != STATUS_UNCHANGED:
+            continue
+        if targets.exact_only:
             decision.keep[candidates] = False
             _round(decision, targets)
             if decision.keep.all():
@@ -77,16 +106,10 @@ def choose(
             keep = _rounded_keep(n, n - int(math.floor(targets.ratio * n + 1e-9)), targets)
             _remove_lowest(decision, candidates, n - keep)
             _round(decision, targets)
-        decisions.append(decision)
     if targets.scope == "global" and not targets.exact_only:
         _choose_globally(decisions, targets)
     restore_nonempty(analysis, decisions)
-    for decision in decisions:
-        if decision.status == STATUS_UNCHANGED and not decision.keep.all():
-            decision.status = STATUS_PRUNED
-        elif decision.status == STATUS_UNCHANGED and decision.why is None:
-            decision.why = "nothing to remove at this ratio, round_to and min_channels"
-    return decisions
+    return settle(decisions)
 
 
 def _choose_globally(decisions: list[Decision], targets: Targets) -> None:

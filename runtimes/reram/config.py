@@ -11,13 +11,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from optimizer.errors import UsageError
-
-ADC_RANGES = ("granular", "max", "calibrated")
-SIGN_MODES = ("differential", "differential_analog", "offset")
-ADC_ENERGY_MODELS = ("linear", "exp")
+from optimizer.options import parse_options as parse_typed_options
 
 
 @dataclass(frozen=True)
@@ -42,17 +39,17 @@ class ReramOptions:
     weight_bits: int = 8
     activation_bits: int = 8
     dac_bits: int = 1
-    adc_bits: tuple[int, ...] | None = None
-    adc_range: str = "granular"
-    sign: str = "differential"
+    adc_bits: tuple[int, ...] | None = field(default=None, metadata={"parse": lambda v: parse_adc_bits(v)})
+    adc_range: Literal["granular", "max", "calibrated"] = "granular"
+    sign: Literal["differential", "differential_analog", "offset"] = "differential"
     cols_per_adc: int | None = None
-    adc_energy: str = "linear"
+    adc_energy: Literal["linear", "exp"] = "linear"
     t_cycle_ns: float = 100.0
     tile_overhead: bool = False
     variation: float = 0.0
-    stuck_at: tuple[float, float] = (0.0, 0.0)
+    stuck_at: tuple[float, float] = field(default=(0.0, 0.0), metadata={"parse": lambda v: _stuck_at(v)})
     read_noise: float = 0.0
-    on_off: float = math.inf
+    on_off: float = field(default=math.inf, metadata={"parse": lambda v: _on_off(v)})
     seed: int = 0
     fast_path: bool = True
     batch: int = 512
@@ -84,13 +81,6 @@ class ReramOptions:
         return values
 
 
-_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_INT_KEYS = ("rows", "cols", "parallel_rows", "cell_bits", "weight_bits", "activation_bits", "dac_bits",
-             "cols_per_adc", "seed", "batch", "threads")
-_FLOAT_KEYS = ("t_cycle_ns", "variation", "read_noise")
-_CHOICES = {"adc_range": ADC_RANGES, "sign": SIGN_MODES, "adc_energy": ADC_ENERGY_MODELS}
-
-
 def parse_options(values: dict[str, Any]) -> ReramOptions:
     """Typed options from CLI strings, YAML values or Python values. `config=PATH` reads a YAML file first;
     keys given next to it override the file."""
@@ -102,7 +92,7 @@ def parse_options(values: dict[str, Any]) -> ReramOptions:
     if unknown:
         listed = ", ".join(["config", *sorted(known)])
         raise UsageError(f"runtime reram: unknown option {unknown[0]!r}; options are: {listed}")
-    options = ReramOptions(**{k: _coerce(k, v) for k, v in merged.items()})
+    options = parse_typed_options(ReramOptions, merged, where="runtime reram")
     _validate(options)
     return options
 
@@ -147,35 +137,6 @@ def parse_adc_bits(value: Any) -> tuple[int, ...] | None:
     if not bits or any(b < 0 or b > 32 for b in bits):
         raise UsageError(f"runtime reram: adc_bits={value!r} must be between 0 (ideal) and 32 bits")
     return bits
-
-
-def _coerce(key: str, value: Any) -> Any:
-    try:
-        if key == "adc_bits":
-            return parse_adc_bits(value)
-        if key == "calibration":
-            return value
-        if key == "stuck_at":
-            return _stuck_at(value)
-        if key == "on_off":
-            return _on_off(value)
-        if key in _CHOICES:
-            if str(value) not in _CHOICES[key]:
-                raise UsageError(f"runtime reram: {key}={value!r} is not one of {', '.join(_CHOICES[key])}")
-            return str(value)
-        if key in ("tile_overhead", "fast_path"):
-            return value if isinstance(value, bool) else _BOOL[str(value).lower()]
-        if key in _INT_KEYS:
-            if value is None or str(value).lower() in ("none", "auto"):
-                if key in ("parallel_rows", "cols_per_adc", "threads"):
-                    return None
-                raise ValueError
-            return _int(value)
-        if key in _FLOAT_KEYS:
-            return float(value)
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"runtime reram: option {key}={value!r} is not a valid value") from None
-    return value
 
 
 def _int(value: Any) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer.declines import Decline
 from optimizer.quant import qmax
 from runtimes.reram.mapping import ConvGeometry
 
@@ -79,13 +80,6 @@ class LayerSpec:
         return sum(w.shape[1] for w in self.weights)
 
 
-@dataclass
-class Decline:
-    node: str
-    op_type: str
-    reason: str
-
-
 class Constants:
     """Values of tensors computable from initializers and Constant nodes alone (evaluated once, on demand)."""
 
@@ -139,20 +133,21 @@ def find_layers(model: onnx.ModelProto, *, weight_bits: int) -> tuple[list[Layer
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         if node.op_type == "ConvTranspose":
-            declines.append(Decline(name, node.op_type, "transposed convolutions are not mapped (runs digitally)"))
+            declines.append(Decline(name, node.op_type, "not-mapped",
+                                    "transposed convolutions are not mapped (runs digitally)"))
         if node.op_type not in MAPPED_OPS or node.domain not in ("", "ai.onnx"):
             continue
         try:
             layer = _build(node, name, constants, weight_bits)
         except _Declined as reason:
-            declines.append(Decline(name, node.op_type, str(reason)))
+            declines.append(Decline(name, node.op_type, "not-mapped", str(reason)))
             continue
         layers.append(layer)
     return layers, declines
 
 
 class _Declined(Exception):
-    pass
+    """Raised deep in a layer's construction; find_layers turns it into the layer's Decline."""
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

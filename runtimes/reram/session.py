@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import onnx
 
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
 from optimizer.errors import UsageError
 from optimizer.quant import affine_params
 from runtimes.reram import cost
@@ -36,6 +38,8 @@ class ReramSession:
         nodes = rewrite(model, specs)
         self.digital_ops = Counter(n.op_type for n in nodes if n.domain != DOMAIN)
         self.executor = Executor(model, nodes, self.layers, np.random.default_rng([options.seed, 1]))
+        self._fixed_batch = fixed_batch(graph_inputs(model))
+        self._chunk = self._fixed_batch or options.batch  # a model with a fixed batch takes exactly that many
         self.accuracy: float | None = None
         needed = options.adc_range == "calibrated" or any(layer.spec.input.from_float for layer in self.layers)
         # "final" calibrations come from calibration or evaluation data; one from the first run's inputs is
@@ -51,7 +55,7 @@ class ReramSession:
         self._reset()
         self.accuracy = None
         with _blas_threads(self.options.threads):
-            return self.executor.run(feeds)
+            return feed_in_chunks(self.executor.run, feeds, self._fixed_batch)
 
     def evaluate(self, eval_data: dict[str, np.ndarray]) -> dict:
         """Top-1 accuracy of the first output against eval_data["labels"]; returns describe() for the whole set."""
@@ -60,12 +64,12 @@ class ReramSession:
             raise UsageError("runtime reram: evaluation data has no 'labels' array")
         feeds = load_data(eval_data, self.model)
         if self._calibration != "final":
-            first = next(chunks(feeds, self.options.batch))
+            first = next(chunks(feeds, self._chunk))
             self._calibrate(first, "first evaluation batch (no calibration data given)", final=True)
         self._reset()
         with _blas_threads(self.options.threads):
-            outputs = [self.executor.run(part)[self.executor.output_names[0]]
-                       for part in chunks(feeds, self.options.batch)]
+            outputs = [feed_in_chunks(self.executor.run, part, self._fixed_batch)[self.executor.output_names[0]]
+                       for part in chunks(feeds, self._chunk)]
         logits = np.concatenate(outputs, axis=0)
         predicted = logits.reshape(logits.shape[0], -1).argmax(axis=1)
         self.accuracy = float(np.mean(predicted == np.asarray(labels).reshape(-1)))
@@ -79,7 +83,7 @@ class ReramSession:
         float_layers = [layer for layer in self.layers if layer.spec.input.from_float]
         if float_layers:
             names = sorted({layer.spec.activation_name for layer in float_layers})
-            ranges = activation_ranges(self.model, feeds, names, self.options.batch)
+            ranges = activation_ranges(self.model, feeds, names, self._chunk)
             for layer in float_layers:
                 scale, zero_point = affine_params(*ranges[layer.spec.activation_name], self.options.activation_bits)
                 layer.spec.input.scale, layer.spec.input.zero_point = scale, zero_point
@@ -87,8 +91,8 @@ class ReramSession:
             for layer in self.layers:
                 layer.observed_max = None
                 layer.configure_adc((0,) * layer.slices, layer.adc_bits_source)
-            for part in chunks(feeds, self.options.batch):
-                self.executor.run(part, observe=True)
+            for part in chunks(feeds, self._chunk):
+                feed_in_chunks(partial(self.executor.run, observe=True), part, self._fixed_batch)
             for layer, (bits, source_of_bits) in zip(self.layers, self._planned_bits, strict=True):
                 layer.configure_adc(bits, source_of_bits)
         self._calibration = "final" if final else "provisional"
@@ -120,7 +124,7 @@ class ReramSession:
             "tops_per_w": 2 * macs / summary["total"] if summary["total"] else None,
             "layers": rows,
             "digital": {"ops": dict(self.digital_ops),
-                        "declined": [{"node": d.node, "op": d.op_type, "reason": d.reason} for d in self.declines]},
+                        "declined": [d.as_report() for d in self.declines]},
             "calibration": self.calibration_source,
             "cost_model": cost.SOURCE,
             "settings": self.options.resolved(),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
 from optimizer.errors import RuntimeFailure, SculptError, UsageError
 from runtimes.tvm import cache
 from runtimes.tvm.compile import build
@@ -54,13 +55,18 @@ class TvmSession:
         self._compiled: dict[tuple, Compiled] = {}
         self._last: Compiled | None = None
         self._lock = threading.Lock()
+        self.batch = fixed_batch(graph_inputs(model))
         shapes = shapes_for(model, options.batch)
         if shapes is not None:
             dtypes = {spec.name: spec.dtype for spec in self.inputs}
             self._last = self._compile({name: (shape, dtypes[name]) for name, shape in shapes.items()})
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs for `feeds`; the first call with a new input shape compiles (or loads from the cache) first."""
+        """Outputs for `feeds`; the first call with a new input shape compiles (or loads from the cache) first.
+        More samples than a fixed batch are fed in chunks (optimizer.data.feed_in_chunks)."""
+        return feed_in_chunks(self._run_once, feeds, self.batch)
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
         arrays = self._arrays(feeds)

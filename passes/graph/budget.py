@@ -1,0 +1,250 @@
+"""Budgets: choose every group's cut so that the model keeps a given fraction of its weights or MACs.
+
+`CostModel` estimates, from the removal masks alone (no graph edit), the weights and MACs left: every constant
+of every node is sliced along the axes that carry a pruned channel space (a Conv weight by its output and,
+ungrouped, its input channels; a bias or per-channel scale by its channels), and every Conv/Gemm/MatMul's MACs
+scale with the kept fraction of the channels it produces and reduces. `allocate` ranks the removable units of
+all groups by sensitivity (the relative output error a removal causes, see `data_scores`) per weight or MAC it
+saves, and bisects on how many of that ranking to remove until the estimate meets the budget, with
+min_channels and round_to respected inside every trial.
+
+    >>> decisions = allocate(analysis, open_decisions, sens, cost, "params", 0.6, targets)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from passes.graph.channels import OPAQUE
+from passes.graph.groups import Analysis
+from passes.graph.handler import attr
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_FLOAT_KINDS = "f"
+
+
+@dataclass
+class _Constant:
+    size: int
+    dims: list[int]
+    sliced: list[tuple[int, str]]  # (constant axis, tensor whose space slices it)
+
+
+@dataclass
+class _Macs:
+    base: float
+    scaled_by: list[str]  # tensors whose kept fraction scales this node's MACs
+
+
+def _static(shape) -> list[int] | None:
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+
+
+class CostModel:
+    """Weights and MACs of the analysed graph as functions of the removal (see the module doc)."""
+
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        self.constants: dict[str, _Constant] = {}
+        self.macs: list[_Macs] = []
+        view = analysis.view
+        spaces = analysis.state.spaces
+        for node in view.nodes:
+            self._node_constants(node, spaces)
+            self._node_macs(node, spaces)
+        self.params_total = sum(c.size for c in self.constants.values())
+        self.macs_total = sum(m.base for m in self.macs)
+
+    def _node_constants(self, node, spaces) -> None:
+        view = self.analysis.view
+        out = node.outputs[0].name if node.outputs else None
+        for index, tensor in enumerate(node.inputs):
+            value = view.constant(tensor)
+            if value is None or value.dtype.kind not in _FLOAT_KINDS or tensor.name in self.constants:
+                continue
+            sliced = self._sliced_axes(node, index, value, out, spaces)
+            self.constants[tensor.name] = _Constant(int(value.size), list(value.shape), sliced)
+
+    def _sliced_axes(self, node, index, value, out, spaces) -> list[tuple[int, str]]:
+        x = node.inputs[0].name if node.inputs else None
+        op, groups = node.op, attr(node, "group", 1)
+        if op == "Conv" and index == 1:
+            return [(0, out)] + ([(1, x)] if groups == 1 else [])
+        if op == "ConvTranspose" and index == 1:
+            return [(0, x)] + ([(1, out)] if groups == 1 else [])
+        if op in ("Conv", "ConvTranspose") and index == 2:
+            return [(0, out)]
+        if op == "Gemm" and index == 1 and value.ndim == 2:
+            k_axis = 1 if attr(node, "transB", 0) else 0
+            return [(k_axis, x), (1 - k_axis, out)]
+        if op == "MatMul" and value.ndim == 2:
+            other = node.inputs[1 - index].name
+            return [(0, other), (1, out)] if index == 1 else [(1, other), (0, out)]
+        if op in ("BatchNormalization", "InstanceNormalization") and value.ndim == 1:
+            return [(0, out)]
+        space = spaces.get(out) if out else None
+        if space is None or value.ndim == 0:
+            return []
+        rank = self.analysis.view.rank(node.outputs[0])
+        aligned = space.axis - (rank - value.ndim) if rank is not None else -1
+        if 0 <= aligned < value.ndim and value.shape[aligned] == len(space):
+            return [(aligned, out)]
+        return []
+
+    def _node_macs(self, node, spaces) -> None:
+        if node.op not in MAC_OPS or not node.outputs:
+            return
+        view = self.analysis.view
+        out_shape = _static(view.shape(node.outputs[0]))
+        if out_shape is None:
+            return
+        out, x = node.outputs[0].name, node.inputs[0].name
+        if node.op in ("Conv", "ConvTranspose"):
+            w = view.input_constant(node, 1)
+            if w is None:
+                return
+            if node.op == "Conv":
+                base = math.prod(out_shape) * math.prod(w.shape[1:])
+            else:
+                in_shape = _static(view.shape(node.inputs[0]))
+                base = math.prod(in_shape or [0]) * math.prod(w.shape[1:])
+            scaled = [out, x] if attr(node, "group", 1) == 1 else [out]
+        elif node.op == "Gemm":
+            b = view.input_constant(node, 1)
+            a_shape = _static(view.shape(node.inputs[0]))
+            if a_shape is None or len(a_shape) != 2:
+                return
+            k = a_shape[0] if attr(node, "transA", 0) else a_shape[1]
+            if b is None:
+                return
+            base, scaled = math.prod(out_shape) * k, [out, x]
+        else:  # MatMul: counted like the report does, only with a constant second operand
+            a_shape = _static(view.shape(node.inputs[0]))
+            if a_shape is None or view.constant(node.inputs[1]) is None:
+                return
+            base, scaled = math.prod(out_shape) * a_shape[-1], [out, x]
+        self.macs.append(_Macs(float(base), scaled))
+
+    def fractions(self, removed: set[int]) -> dict[str, np.ndarray]:
+        """tensor -> keep mask over its space, for tensors that lose channels."""
+        removed_arr = np.array(sorted(removed), dtype=np.int64)
+        masks = {}
+        for name, space in self.analysis.state.spaces.items():
+            roots = self.analysis.root_ids(space.ids)
+            keep = (space.ids == OPAQUE) | ~np.isin(roots, removed_arr)
+            if not keep.all():
+                masks[name] = keep
+        return masks
+
+    def params(self, masks: dict[str, np.ndarray]) -> float:
+        total = 0.0
+        for constant in self.constants.values():
+            dims = list(constant.dims)
+            for axis, tensor in constant.sliced:
+                mask = masks.get(tensor)
+                if mask is not None and len(mask) == dims[axis]:
+                    dims[axis] = int(mask.sum())
+            total += math.prod(dims)
+        return total
+
+    def mac_count(self, masks: dict[str, np.ndarray]) -> float:
+        total = 0.0
+        for entry in self.macs:
+            factor = 1.0
+            for tensor in entry.scaled_by:
+                mask = masks.get(tensor)
+                if mask is not None:
+                    factor *= mask.mean()
+            total += entry.base * factor
+        return total
+
+
+def unit_savings(analysis: Analysis, cost: CostModel, metric: str, candidates: dict[int, np.ndarray]
+                 ) -> dict[int, np.ndarray]:
+    """group id -> what removing each candidate unit alone saves (weights or MACs), from the cost model."""
+    full = cost.params({}) if metric == "params" else cost.mac_count({})
+    savings = {}
+    for group in analysis.groups:
+        if group.id not in candidates:
+            continue
+        per_unit = np.zeros(group.channels)
+        # every unit of a group touches the same members, so one probe per group gives its saving per unit
+        probe = int(np.flatnonzero(candidates[group.id])[0]) if candidates[group.id].any() else None
+        if probe is not None:
+            masks = cost.fractions({int(group.roots[probe])})
+            left = cost.params(masks) if metric == "params" else cost.mac_count(masks)
+            per_unit[:] = max(full - left, 1e-9)
+        savings[group.id] = per_unit
+    return savings
+
+
+@dataclass(frozen=True)
+class Budget:
+    """keep `fraction` of the model's `metric` (params or macs); `total` is the model's own count of it, `start`
+    the count once it is prepared (BatchNorm folded: fewer weights before anything is pruned)."""
+
+    metric: str
+    fraction: float
+    total: float
+    start: float
+
+
+def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarray], min_channels: int
+             ) -> list[tuple[float, int, int]]:
+    """(key, decision index, unit) over all open groups, cheapest first; a group's units come in its own
+    order (lowest score first) with keys made non-decreasing so that any prefix is a per-group prefix."""
+    ranked = []
+    for d, decision in enumerate(decisions):
+        candidates = decision.group.prunable
+        order = [int(i) for i in np.argsort(decision.scores, kind="stable") if candidates[i]]
+        order = order[: max(0, decision.group.channels - max(min_channels, 1))]
+        running = 0.0
+        for unit in order:
+            running = max(running, float(sens[decision.group.id][unit]) / float(savings[decision.group.id][unit]))
+            ranked.append((running, d, unit))
+    ranked.sort(key=lambda item: item[0])
+    return ranked
+
+
+def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], cost: CostModel, budget: Budget,
+             finish, min_channels: int = 1) -> tuple[list, float]:
+    """Set `keep` of the open decisions so the estimated kept fraction meets the budget; returns the decisions
+    and that estimate. `finish(decisions)` applies round_to/min_channels and restores non-empty tensors."""
+    open_ones = [d for d in decisions if d.group.prunable.any() and d.status == "unchanged"]
+    candidates = {d.group.id: d.group.prunable for d in open_ones}
+    savings = unit_savings(analysis, cost, budget.metric, candidates)
+    ranked = _ranking(open_ones, sens, savings, min_channels)
+    model_total = cost.params_total if budget.metric == "params" else cost.macs_total
+
+    def trial(count: int) -> float:
+        for decision in open_ones:
+            decision.keep[:] = True
+        for _, d, unit in ranked[:count]:
+            open_ones[d].keep[unit] = False
+        finish(decisions)
+        masks = cost.fractions({int(r) for x in decisions for r in x.group.roots[~x.keep]})
+        left = cost.params(masks) if budget.metric == "params" else cost.mac_count(masks)
+        return (budget.start - (model_total - left)) / budget.total
+
+    low, high = 0, len(ranked)
+    if trial(high) > budget.fraction:
+        return decisions, trial(high)
+    while low < high:
+        middle = (low + high) // 2
+        if trial(middle) <= budget.fraction:
+            high = middle
+        else:
+            low = middle + 1
+    # the smallest cut that meets the budget, or one unit less when that lands closer to it
+    best = trial(low)
+    if low > 0:
+        under = trial(low - 1)
+        if abs(under - budget.fraction) < abs(best - budget.fraction) and under - budget.fraction < 0.01:
+            return decisions, under
+        best = trial(low)
+    return decisions, best

@@ -1,0 +1,84 @@
+"""How much of the model a pruning kept, and how close the pruned model stays to the original.
+
+weights_kept counts every floating-point initializer element (embedding tables included: a Gather's table is
+a weight the model ships); weights_kept_without_embeddings leaves out the tables read by Gather, which no
+channel pruning can shrink along their vocabulary axis, so both are reported. macs_kept follows the report's
+MAC count (Conv, ConvTranspose, Gemm, MatMul with a constant weight, batch 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """(float initializer elements, the part held by Gather tables)."""
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+    total = embed = 0
+    for t in model.graph.initializer:
+        if t.data_type in _FLOATS:
+            size = int(np.prod(t.dims))
+            total += size
+            embed += size if t.name in tables else 0
+    return total, embed
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from passes.graph import activations
+
+    names = [o.name for o in model.graph.output]
+    chunks = list(activations.stream(model, feeds, names))
+    return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+
+
+def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
+    """Cosine (per sample, averaged, worst output) and top-1 agreement (first output with classes)."""
+    cosines, top1 = [], None
+    for ref, new in zip(reference.values(), candidate.values(), strict=True):
+        a = ref.reshape(len(ref), -1).astype(np.float64)
+        b = new.reshape(len(new), -1).astype(np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosines.append(float(np.mean(np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-30), 1.0))))
+        if top1 is None and ref.ndim >= 2 and ref.shape[-1] > 1:
+            top1 = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
+    return {"cosine": round(min(cosines), 6), "top1_agreement": None if top1 is None else round(top1, 6)}
+
+
+def fidelity_summary(model: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict | None, evaluation: dict | None,
+                     estimate: float | None, budget: tuple[str, float] | None) -> dict:
+    """The model-level numbers of the pass report (see the module doc)."""
+    from optimizer.report import model_stats
+
+    before, before_embed = weight_counts(model)
+    after, after_embed = weight_counts(pruned)
+    macs_before, macs_after = model_stats(model)["macs"], model_stats(pruned)["macs"]
+    summary = {
+        "weights_kept": round(after / before, 4) if before else 1.0,
+        "weights_kept_without_embeddings": round((after - after_embed) / (before - before_embed), 4)
+        if before > before_embed else 1.0,
+        "macs_kept": round(macs_after / macs_before, 4) if macs_before else 1.0,
+    }
+    if budget is not None:
+        metric, fraction = budget
+        summary["budget"] = {"metric": metric, "target": fraction,
+                             "estimated": None if estimate is None else round(float(estimate), 4),
+                             "reached": summary["weights_kept" if metric == "params" else "macs_kept"]}
+    if feeds is not None:
+        summary["calibration"] = agreement(_outputs(model, feeds), _outputs(pruned, feeds))
+    if evaluation is not None:
+        inputs = {k: v for k, v in evaluation.items() if k != "labels"}
+        ref, new = _outputs(model, inputs), _outputs(pruned, inputs)
+        entry = agreement(ref, new)
+        labels = evaluation.get("labels")
+        if labels is not None:
+            def top1(out: dict) -> float:
+                logits = next(iter(out.values()))
+                return round(float(np.mean(logits.reshape(len(logits), -1).argmax(-1)
+                                           == labels.reshape(-1)[:len(logits)])), 6)
+
+            entry["top1_before"], entry["top1_after"] = top1(ref), top1(new)
+        summary["eval"] = entry
+    return summary

@@ -1,0 +1,153 @@
+"""Reconstruction error: how much a consumer's output moves when channels go and the consumer is refitted.
+
+For a consumer layer with input rows Z (im2col for Conv, with a column of ones) and weight W, the output is
+Y = Z W, and H = Z^T Z (accumulated in float64 over the calibration data, original model) says everything
+about it: removing the columns S of the channels that go and refitting on the kept columns K leaves
+
+    err(S) = tr( W_S^T (H_SS - H_SK H_KK^-1 H_KS) W_S )          (the Schur complement of H_KK)
+
+relative to ||Y||^2 = tr(W^T H W). `group_curves` evaluates it along each group's removal order at a few
+depths, so a budget can spend removals where the refitted error grows slowest (measured, not assumed
+additive); `obs_scores` gives the one-shot cost of removing each channel alone with refit
+(tr(W_B^T [(H^-1)_BB]^-1 W_B), structured Optimal Brain Surgeon), the `reconstruction` criterion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from passes.graph import activations
+from passes.graph.groups import Analysis
+from passes.graph.linear import LinearLayer
+
+LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+MAX_UNKNOWNS = 4096  # a consumer with more (im2col) unknowns keeps the activation-weighted estimate
+RIDGE = 1e-4
+
+
+@dataclass
+class ConsumerGram:
+    """One consumer layer: H = Z^T Z with the ones column last, its weight [d+1, m], and per consumed position
+    the Z columns that belong to it."""
+
+    node: str
+    tensor: str
+    gram: np.ndarray
+    weight: np.ndarray
+    taps: int
+
+    def columns(self, positions: np.ndarray) -> np.ndarray:
+        return (positions[:, None] * self.taps + np.arange(self.taps)[None]).ravel()
+
+    @property
+    def energy(self) -> float:
+        return float(np.einsum("ik,ij,jk->", self.weight, self.gram, self.weight, optimize=True))
+
+    def refit_error(self, removed_positions: np.ndarray) -> float:
+        s = self.columns(removed_positions)
+        if not len(s):
+            return 0.0
+        k = np.setdiff1d(np.arange(len(self.gram)), s)
+        h_kk = self.gram[np.ix_(k, k)]
+        lam = RIDGE * max(float(np.mean(np.diag(h_kk)[:-1])) if len(k) > 1 else 1.0, 1e-12)
+        h_kk = h_kk + lam * np.diag(np.r_[np.ones(len(k) - 1), 0.0])
+        h_ks = self.gram[np.ix_(k, s)]
+        schur = self.gram[np.ix_(s, s)] - h_ks.T @ np.linalg.solve(h_kk, h_ks)
+        w_s = self.weight[s]
+        return max(float(np.einsum("ik,ij,jk->", w_s, schur, w_s, optimize=True)), 0.0)
+
+
+def _consumer_layer(analysis: Analysis, node_name: str) -> LinearLayer | None:
+    view = analysis.view
+    node = next((n for n in view.nodes if n.name == node_name), None)
+    if node is None or node.op not in ("Conv", "Gemm", "MatMul") or not node.outputs:
+        return None
+    weight = view.input_constant(node, 1)
+    if weight is None or view.constant(node.inputs[0]) is not None:
+        return None
+    if (node.op == "Conv" and node.attrs.get("group", 1) != 1) or (node.op == "MatMul" and weight.ndim != 2):
+        return None
+    return LinearLayer(node.name, node.op, node.inputs[0].name, node.outputs[0].name, "", None, dict(node.attrs),
+                       weight, None)
+
+
+def consumer_grams(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[ConsumerGram]:
+    """H for every weighted consumer term of the analysis, from one stream over the calibration data."""
+    layers = {}
+    for term in analysis.state.consumers:
+        layer = _consumer_layer(analysis, term.node)
+        if layer is not None and term.tensor == layer.x:
+            taps = int(np.prod(layer.weight_value.shape[2:])) if layer.op == "Conv" else 1
+            if len(analysis.state.spaces[term.tensor]) * taps < MAX_UNKNOWNS:
+                layers[term.node] = (layer, term.tensor, taps)
+    if not layers:
+        return []
+    grams = {name: None for name in layers}
+    for chunk in activations.stream(model, feeds, sorted({x for _, x, _ in layers.values()})):
+        for name, (layer, tensor, _) in layers.items():
+            x = chunk[tensor]
+            for part in (x[j:j + 1] for j in range(len(x))) if layer.op == "Conv" else [x]:
+                z = layer.rows(part)[:, 0, :]
+                za = np.concatenate([z, np.ones((len(z), 1))], axis=1)
+                grams[name] = za.T @ za if grams[name] is None else grams[name] + za.T @ za
+    return [ConsumerGram(name, tensor, grams[name], layer.weights()[0], taps)
+            for name, (layer, tensor, taps) in layers.items()]
+
+
+def _positions_of(analysis: Analysis, gram: ConsumerGram, roots: set[int]) -> np.ndarray:
+    ids = analysis.root_ids(analysis.state.spaces[gram.tensor].ids)
+    return np.flatnonzero(np.isin(ids, np.array(sorted(roots), dtype=np.int64)))
+
+
+def group_curves(analysis: Analysis, grams: list[ConsumerGram], orders: dict[int, list[int]]
+                 ) -> dict[int, np.ndarray]:
+    """group id -> relative refitted error (summed over its consumers) after removing the first n units of its
+    order, for n at each of LEVELS of the order's length; groups without a measurable consumer are absent."""
+    by_group: dict[int, list[ConsumerGram]] = {}
+    root_group = {int(r): g.id for g in analysis.groups for r in g.roots}
+    for gram in grams:
+        ids = analysis.root_ids(analysis.state.spaces[gram.tensor].ids)
+        for gid in {root_group[int(r)] for r in ids if r >= 0}:
+            by_group.setdefault(gid, []).append(gram)
+    curves = {}
+    for group in analysis.groups:
+        order = orders.get(group.id)
+        if not order or group.id not in by_group:
+            continue
+        counts = sorted({max(1, int(round(level * len(order)))) for level in LEVELS})
+        values = []
+        for count in counts:
+            roots = {int(group.roots[u]) for u in order[:count]}
+            values.append(sum(g.refit_error(_positions_of(analysis, g, roots)) / max(g.energy, 1e-30)
+                              for g in by_group[group.id]))
+        curves[group.id] = np.interp(np.arange(1, len(order) + 1), counts, values)
+    return curves
+
+
+def marginal_costs(curve: np.ndarray) -> np.ndarray:
+    """Per removal step, the increase of the error curve, made non-decreasing (a convex cost)."""
+    steps = np.diff(np.r_[0.0, curve])
+    return np.maximum.accumulate(np.maximum(steps, 0.0))
+
+
+def obs_scores(analysis: Analysis, grams: list[ConsumerGram]) -> dict[int, float]:
+    """root -> sum over consumers of the relative error of removing that channel alone, with refit."""
+    scores: dict[int, float] = {}
+    for gram in grams:
+        d = len(gram.gram)
+        lam = RIDGE * max(float(np.mean(np.diag(gram.gram)[:-1])), 1e-12)
+        inverse = np.linalg.inv(gram.gram + lam * np.diag(np.r_[np.ones(d - 1), 0.0]))
+        ids = analysis.root_ids(analysis.state.spaces[gram.tensor].ids)
+        energy = max(gram.energy, 1e-30)
+        for position, root in enumerate(ids.tolist()):
+            if root < 0:
+                continue
+            cols = gram.columns(np.array([position]))
+            block = inverse[np.ix_(cols, cols)]
+            w = gram.weight[cols]
+            cost = float(np.einsum("ik,ij,jk->", w, np.linalg.inv(block), w, optimize=True))
+            scores[root] = scores.get(root, 0.0) + cost / energy
+    return scores

@@ -1,0 +1,293 @@
+"""Least-squares recovery: refit the layers that read pruned channels so they reproduce the original outputs.
+
+For each layer L (Conv, grouped/depthwise and 1-D/2-D/3-D included, Gemm, MatMul with a constant weight) that
+reads a pruned channel space, the new weight and bias solve
+
+    min_W  sum_rows || Z_pruned W - Y_original ||^2 + lam * || W - W_0 ||^2       (bias row not penalised)
+
+where Z_pruned are L's input rows (im2col for Conv) taken from the PRUNED model, already refitted up to L, and
+Y_original is L's output in the ORIGINAL model. Layers are fitted in stages along the graph (a layer never
+shares a stage with one it depends on), so a layer downstream sees what its refitted predecessors really give
+and errors do not pile up. Z^T Z and Z^T Y are accumulated in float64 over calibration chunks, so memory is
+the Gram matrices plus one chunk. The ridge pulls towards the pruned weights W_0, so a layer with fewer rows
+than unknowns stays close to what it was (said in a warning). `mode="mean"` keeps every weight and refits the
+bias only: what the removed channels contributed on average (and any drift) is folded into it.
+
+    >>> model, layers = recover(original, pruned, ["conv2"], keep, feeds)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from passes.graph import activations
+from passes.graph.linear import LinearLayer, layer_from_node
+
+RIDGE = 1e-5       # relative to the mean diagonal of Z^T Z
+RIDGE_FEW_ROWS = 1e-2
+
+
+@dataclass
+class Normal:
+    """Sufficient statistics of one layer's fit: Z^T Z [G, d+1, d+1], Z^T Y [G, d+1, m], sum y^2, rows."""
+
+    zz: np.ndarray
+    zy: np.ndarray
+    yy: float = 0.0
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, groups: int, d: int, m: int) -> Normal:
+        return cls(np.zeros((groups, d + 1, d + 1)), np.zeros((groups, d + 1, m)))
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        """z [rows, G, d], y [rows, G, m] (float64)."""
+        ones = np.ones(z.shape[:2] + (1,))
+        za = np.concatenate([z, ones], axis=2).transpose(1, 0, 2)  # [G, rows, d+1]
+        yt = y.transpose(1, 0, 2)
+        self.zz += za.transpose(0, 2, 1) @ za
+        self.zy += za.transpose(0, 2, 1) @ yt
+        self.yy += float(np.einsum("ij,ij->", y.reshape(len(y), -1), y.reshape(len(y), -1)))
+        self.rows += len(z)
+
+    def error(self, w: np.ndarray) -> float:
+        """sum ||Z W - Y||^2 for W [G, d+1, m]."""
+        fitted = np.einsum("gik,gij,gjk->", w, self.zz, w, optimize=True) - 2 * np.einsum("gij,gij->", w, self.zy)
+        return max(float(self.yy + fitted), 0.0)
+
+
+def solve(normal: Normal, w0: np.ndarray, ridge: float, mode: str = "lsq") -> np.ndarray:
+    """The ridge solution towards w0 (mode lsq), or w0 with only its bias row refitted (mode mean)."""
+    if mode == "mean":
+        w = w0.copy()
+        n = normal.zz[:, -1, -1][:, None]
+        w[:, -1, :] = (normal.zy[:, -1, :] - np.einsum("gj,gjk->gk", normal.zz[:, -1, :-1], w0[:, :-1, :])) / n
+        return w
+    d = normal.zz.shape[1] - 1
+    diag = np.einsum("gii->gi", normal.zz[:, :-1, :-1]).mean(axis=1)
+    lam = ridge * np.maximum(diag, 1e-12)
+    penalty = np.zeros((normal.zz.shape[0], d + 1, d + 1))
+    idx = np.arange(d)
+    penalty[:, idx, idx] = lam[:, None]
+    lhs = normal.zz + penalty
+    rhs = normal.zy + penalty @ w0
+    try:
+        return np.linalg.solve(lhs, rhs)
+    except np.linalg.LinAlgError:
+        return np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(lhs, rhs, strict=True)])
+
+
+@dataclass
+class Fitted:
+    """What recovery did to one layer (for the report)."""
+
+    node: str
+    op: str
+    rows: int
+    unknowns: int
+    error_before: float | None = None  # relative: ||Y_pruned - Y_orig|| / ||Y_orig|| on the calibration data
+    error_after: float | None = None
+    ridge: float = RIDGE
+    skipped: str | None = None
+
+    def entry(self) -> dict:
+        out = {"node": self.node, "op": self.op, "rows": self.rows, "unknowns": self.unknowns}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        else:
+            out.update(error_before=round(self.error_before, 6), error_after=round(self.error_after, 6),
+                       ridge=self.ridge)
+        return out
+
+
+@dataclass
+class Recovery:
+    """The result of `recover`: the refitted model, one entry per layer, and warnings to pass on."""
+
+    model: onnx.ModelProto
+    layers: list[Fitted]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _editable(pruned: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[LinearLayer], list[Fitted]]:
+    """Give each named layer its own weight/bias initializers (a bias added where the op allows one)."""
+    from passes.graph.ir import GraphView
+
+    view = GraphView(pruned)
+    by_name = {n.name: n for n in view.nodes}
+    targets, skipped = {}, []
+    for name in names:
+        node = by_name.get(name)
+        reason = _unfit_reason(node, view)
+        if reason:
+            skipped.append(Fitted(name, node.op if node is not None else "?", 0, 0, skipped=reason))
+            continue
+        view.replace_constant(node, 1, view.input_constant(node, 1))
+        target = node.outputs[0]
+        if node.op == "MatMul":
+            add = _bias_add(node, view)
+            if add is None:
+                add = view.add_bias_after(node, np.zeros(view.input_constant(node, 1).shape[1],
+                                                         dtype=view.input_constant(node, 1).dtype))
+            index = 1 if view.constant(add.inputs[1]) is not None else 0
+            view.replace_constant(add, index, view.constant(add.inputs[index]))
+            targets[name] = (add.outputs[0].name, add.inputs[index].name)
+            continue
+        if not view.has_input(node, 2):
+            out = view.input_constant(node, 1).shape[0 if node.op == "Conv" or node.attrs.get("transB", 0) else 1]
+            view.append_constant(node, np.zeros(out, dtype=view.input_constant(node, 1).dtype), "bias")
+        else:
+            view.replace_constant(node, 2, view.input_constant(node, 2))
+        targets[name] = (target.name, node.inputs[2].name)
+    model = view.to_model()
+    layers = []
+    nodes = {n.name: n for n in model.graph.node}
+    for name, (target, bias) in targets.items():
+        layer = layer_from_node(model, nodes[name], target, bias)
+        if layer is None:
+            skipped.append(Fitted(name, nodes[name].op_type, 0, 0, skipped="its weight is not an initializer"))
+        else:
+            layers.append(layer)
+    return model, layers, skipped
+
+
+def _unfit_reason(node, view) -> str | None:
+    if node is None:
+        return "not found in the pruned model"
+    if node.op not in ("Conv", "Gemm", "MatMul"):
+        return f"{node.op} is not refitted (only Conv, Gemm and MatMul with a constant weight)"
+    weight = view.input_constant(node, 1)
+    if weight is None or view.constant(node.inputs[0]) is not None:
+        return "its weight is not a constant second input"
+    if node.op == "MatMul" and weight.ndim != 2:
+        return "its constant operand is not a 2-D matrix"
+    if node.op == "Gemm" and view.has_input(node, 2):
+        c = view.input_constant(node, 2)
+        n = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
+        if c is None or c.size not in (1, n) or node.attrs.get("beta", 1.0) == 0:
+            return "its C operand is not a per-column constant"
+    if view.is_graph_input(node.inputs[0]):
+        return "its input is a graph input (nothing upstream changed)"
+    return None
+
+
+def _bias_add(node, view):
+    """The Add right after a MatMul that adds a constant vector over its columns, if there is one."""
+    out = node.outputs[0]
+    consumers = view.consumers(out)
+    if len(consumers) != 1 or consumers[0].op != "Add" or view.is_graph_output(out):
+        return None
+    add = consumers[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    value = view.constant(other)
+    n = view.input_constant(node, 1).shape[1]
+    if value is None or value.size != n or value.shape[-1] != n:
+        return None
+    return add
+
+
+def _stages(model: onnx.ModelProto, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+    """Layers in graph order, cut into stages so that no layer depends on another of its stage."""
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def reach(tensor: str) -> set[str]:
+        seen, frontier = set(), [tensor]
+        while frontier:
+            name = frontier.pop()
+            if name not in seen:
+                seen.add(name)
+                frontier.extend(o for node in consumers.get(name, []) for o in node.output)
+        return seen
+
+    stages: list[list[LinearLayer]] = []
+    downstream: set[str] = set()
+    for layer in sorted(layers, key=lambda item: order[item.node]):
+        if stages and layer.x not in downstream:
+            stages[-1].append(layer)
+            downstream |= reach(layer.y)
+        else:
+            stages.append([layer])
+            downstream = reach(layer.y)
+    return stages
+
+
+def _accumulate(original_run, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
+                feeds: dict, size: int) -> list[Normal]:
+    stats: list[Normal | None] = [None] * len(stage)
+    inputs = activations.stream(pruned, feeds, [layer.x for layer in stage], size)
+    targets = original_run([layer.y for layer in stage])
+    for x_chunk, y_chunk in zip(inputs, targets, strict=True):
+        for i, layer in enumerate(stage):
+            x, y = x_chunk[layer.x], y_chunk[layer.y]
+            per_sample = layer.op == "Conv" and x.ndim > 2
+            for xs, ys in (((x[j:j + 1], y[j:j + 1]) for j in range(len(x))) if per_sample else [(x, y)]):
+                z, t = layer.rows(xs), layer.targets(ys, keep.get(layer.node))
+                if stats[i] is None:
+                    stats[i] = Normal.empty(z.shape[1], z.shape[2], t.shape[2])
+                stats[i].add(z, t)
+    return stats
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str], keep: dict[str, np.ndarray],
+            feeds: dict[str, np.ndarray], *, mode: str = "lsq", ridge: float = RIDGE, size: int = 16,
+            progress: Callable[[str], None] | None = None) -> Recovery:
+    """Refit `layers` (node names, the same in both models) of `pruned` stage by stage; see the module doc.
+
+    keep: node -> mask over the ORIGINAL output channels that the pruned layer still has (absent: all).
+    """
+    model, fit_layers, report = _editable(pruned, layers)
+    warnings: list[str] = []
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    original_run = _original_runner(original, [layer.y for layer in fit_layers], feeds, size)
+    for number, stage in enumerate(_stages(model, fit_layers)):
+        if progress is not None:
+            progress(f"recovery stage {number + 1}: {', '.join(layer.node for layer in stage)}")
+        for layer, normal in zip(stage, _accumulate(original_run, model, stage, keep, feeds, size), strict=True):
+            report.append(_fit_one(model, index, layer, normal, mode, ridge, warnings))
+    return Recovery(model, report, warnings)
+
+
+def _fit_one(model, index, layer: LinearLayer, normal: Normal, mode: str, ridge: float, warnings: list[str]
+             ) -> Fitted:
+    unknowns = normal.zz.shape[1]
+    entry = Fitted(layer.node, layer.op, normal.rows, unknowns, ridge=ridge)
+    if mode == "lsq" and normal.rows < unknowns:
+        entry.ridge = max(ridge, RIDGE_FEW_ROWS)
+        warnings.append(
+            f"recovery of {layer.op} {layer.node}: {normal.rows} calibration rows for {unknowns} unknowns per "
+            f"output; fitted with a stronger ridge ({entry.ridge:g}) towards the pruned weights - give more "
+            "calibration samples for a better fit"
+        )
+    w0 = layer.weights()
+    scale = max(normal.yy, 1e-30)
+    entry.error_before = float(np.sqrt(normal.error(w0) / scale))
+    w = solve(normal, w0, entry.ridge, mode)
+    after = float(np.sqrt(normal.error(w) / scale))
+    if not np.all(np.isfinite(w)) or after > entry.error_before:
+        w, after = w0, entry.error_before
+    entry.error_after = after
+    for name, array in layer.write(w).items():
+        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(array, name))
+    layer.weight_value = numpy_helper.to_array(model.graph.initializer[index[layer.weight]])
+    return entry
+
+
+def _original_runner(original: onnx.ModelProto, names: list[str], feeds: dict, size: int):
+    """A function names -> iterator of chunks of those tensors of the original model (one session for all)."""
+    names = list(dict.fromkeys(names))
+    run = activations.session(activations.with_outputs(original, names)) if names else None
+
+    def chunks(wanted: list[str]):
+        for chunk, real in activations.calibration_chunks(original, feeds, size):
+            yield {name: value[:real] for name, value in zip(wanted, run.run(wanted, chunk), strict=True)}
+
+    return chunks
