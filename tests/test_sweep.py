@@ -67,9 +67,10 @@ def test_twelve_points_give_the_same_results_on_one_worker_and_on_two_ray_worker
 
     # each point is the normal pipeline run: the same accuracy as the pass applied alone, scored on ORT
     evaluation = dict(np.load(digits_assets.eval))
+    context = PassContext(calibration=dict(np.load(digits_assets.calibration)), calibration_is_random=False)
     source = onnx.load(digits_assets.model)
     for point in one["points"][4:8]:
-        pruned, _ = StructuredSparse.from_spec(point["params"]).run(source, PassContext())
+        pruned, _ = StructuredSparse.from_spec(point["params"]).run(source, context)
         assert point["accuracy"] == pytest.approx(top1_on_ort(pruned, evaluation), abs=1e-9)
         assert point["report"]["passes"][0]["name"] == "structured-sparse"
         assert point["report"]["output"]["macs"] == point["macs"] < point["report"]["input"]["macs"]

@@ -25,8 +25,9 @@ from optimizer.errors import MissingDependency, SculptError, UsageError
 
 Task = Callable[[Any, dict[str, Any]], dict]
 OnResult = Callable[[int, dict, int, int], None]
-# a point's wall time and a timed pass are the only figures that differ between runs of the same spec
-TIMING_KEYS = ("seconds", "latency_ms", "p90_ms", "median_ms", "peak_rss_mb", "ratio")
+# wall times (a point's, a pass's, a pass's phases) and measured latencies: the only figures that may differ
+# between two runs of the same spec
+TIMING_KEYS = ("seconds", "phases", "latency_ms", "p90_ms", "median_ms", "peak_rss_mb", "ratio")
 
 
 @dataclass
