@@ -45,6 +45,13 @@ def _debug_option(f):
     return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
 
 
+def _sweep_options(f):
+    """--workers/--address for the commands whose trials run as sweep points (optimizer.sweep.engine)."""
+    f = click.option("--address", help="run the points on a running Ray cluster (see `optimize sweep`)")(f)
+    return click.option("--workers", type=int, default=1, show_default=True,
+                        help="points at a time: 1 runs here, N on a local Ray (the [dist] extra)")(f)
+
+
 def _require_directory(path: str, what: str) -> None:
     """Fail before any work when the file at `path` could not be written: its directory is missing."""
     if not Path(path).parent.is_dir():
@@ -299,8 +306,10 @@ def bench_cmd(models, runtime_names, input_path, eval_path, batch, threads, runs
 @click.option("--report", type=click.Path(dir_okay=False), help="write the sweep as JSON")
 @click.option("--reram", "reram_opts", multiple=True, metavar="k=v,...", help="reram runtime options")
 @click.option("--reram-config", type=click.Path(dir_okay=False), help="YAML file of reram options")
+@_sweep_options
 @_debug_option
-def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram_opts, reram_config, debug):
+def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram_opts, reram_config, workers, address,
+                    debug):
     """Accuracy and ADC saturation of MODEL on the reram emulator against ADC resolution."""
     from optimizer.data import load_npz
     from optimizer.model import load_model
@@ -315,7 +324,8 @@ def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram
     if calibration:
         options["calibration"] = load_npz(calibration, proto)
     result = sweep(proto, evaluation, adc_bits=bits, options=options,
-                   progress=lambda text: click.echo(f"reram-sweep: {text}…", err=True))
+                   progress=lambda text: click.echo(f"reram-sweep: {text}…", err=True), workers=workers,
+                   address=address)
     for line in table_lines(result):
         click.echo(line)
     if plot:
@@ -331,8 +341,9 @@ def reram_sweep_cmd(model, eval_path, adc_bits, plot, calibration, report, reram
 @click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="comma-separated pruning ratios")
 @click.option("--criterion", default="l1", show_default=True, help="l1 | l2 | bn-scale | hoyer")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
+@_sweep_options
 @_debug_option
-def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
+def sensitivity_cmd(model, eval_path, ratios, criterion, report, workers, address, debug):
     """Prune each channel group alone and list the metric drop, worst first (candidates for exclude=)."""
     from optimizer.data import load_npz
     from optimizer.model import load_model
@@ -341,7 +352,8 @@ def sensitivity_cmd(model, eval_path, ratios, criterion, report, debug):
     parsed = parse_ratios(ratios)
     proto = load_model(model)
     result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
-                         progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))
+                         progress=lambda text: click.echo(f"sensitivity: {text}…", err=True), workers=workers,
+                         address=address)
     _write_json(report, {"model": str(model), **result})
     print_sensitivity(result)
 

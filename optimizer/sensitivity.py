@@ -8,12 +8,13 @@ be passed to `structured-sparse:exclude=...`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from optimizer.data import split_labels
-from optimizer.errors import UsageError
+from optimizer.errors import PassError, UsageError
 from optimizer.verify import compare, run_ort
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -37,14 +38,47 @@ def _metric(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], la
     return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
 
 
-def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,
-                ratios: tuple[float, ...] = DEFAULT_RATIOS, criterion: str = "l1",
-                progress: Callable[[str], None] | None = None) -> dict:
-    """Prune each prunable group alone at each ratio; returns the metric, its baseline and the sorted groups."""
+@dataclass(frozen=True)
+class _TrialInputs:
+    """What every (group, ratio) trial shares: the prepared model, the eval feeds and the unpruned reference."""
+
+    prepared: bytes
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    reference: dict[str, np.ndarray]
+    baseline: float
+    criterion: str
+
+
+def _trial(inputs: _TrialInputs, params: dict) -> dict:
+    """One sweep point: prune group `params["group"]` alone at `params["ratio"]` and measure the metric."""
     from passes.graph.groups import analyze
-    from passes.graph.importance import CRITERIA, unit_scores
+    from passes.graph.importance import unit_scores
     from passes.graph.prune import apply_removal
     from passes.graph.selection import Targets, choose, removed_roots
+
+    analysis = analyze(onnx.load_from_string(inputs.prepared))  # removal edits the analysed graph: a fresh one
+    scores = {gid: s for gid, (s, _) in unit_scores(analysis, inputs.criterion).items()}
+    others = {g.id: "not under test" for g in analysis.groups if g.id != params["group"]}
+    decisions = choose(analysis, scores, Targets(params["ratio"], "uniform", 1, 1, False), others)
+    removed = removed_roots(decisions)
+    kept = int(decisions[params["group"]].keep.sum())
+    value = _metric(run_ort(apply_removal(analysis, removed)[0], inputs.feeds), inputs.reference, inputs.labels) \
+        if removed else inputs.baseline
+    return {"kept": kept, "metric": round(value, 6), "drop": round(inputs.baseline - value, 6)}
+
+
+def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,
+                ratios: tuple[float, ...] = DEFAULT_RATIOS, criterion: str = "l1",
+                progress: Callable[[str], None] | None = None, workers: int = 1, address: str | None = None) -> dict:
+    """Prune each prunable group alone at each ratio; returns the metric, its baseline and the sorted groups.
+
+    The (group, ratio) trials are the points of a sweep (optimizer.sweep.engine): `workers`/`address` spread
+    them over a local Ray or a cluster, with the same result as in this process.
+    """
+    from optimizer.sweep.engine import execute
+    from passes.graph.groups import analyze
+    from passes.graph.importance import CRITERIA
     from passes.structured_sparse import prepare
 
     if criterion not in CRITERIA or criterion == "zero":
@@ -54,21 +88,26 @@ def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,
     baseline = _metric(reference, reference, labels)
     prepared = prepare(model)
     groups = [g for g in analyze(prepared).groups if g.prunable.any()]
+    points = [{"group": g.id, "ratio": ratio} for g in groups for ratio in ratios]
+    names = {g.id: g.name for g in groups}
+
+    def on_result(index: int, result: dict, finished: int, total: int) -> None:
+        if progress is not None:
+            progress(f"{finished}/{total} group {names[result['params']['group']]} at {result['params']['ratio']:g}")
+
+    inputs = _TrialInputs(prepared.SerializeToString(), feeds, labels, reference, baseline, criterion)
+    outcome = execute(_trial, points, inputs, workers=workers, address=address, on_result=on_result)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    failed = next((r for r in outcome.results if not r["ok"]), None)
+    if failed is not None:
+        raise PassError(f"sensitivity: group {names[failed['params']['group']]} at ratio "
+                        f"{failed['params']['ratio']:g}: {failed['error']}")
     rows = []
     for number, group in enumerate(groups):
-        if progress is not None:
-            progress(f"group {number + 1}/{len(groups)} {group.name}")
-        drops = {}
-        for ratio in ratios:
-            analysis = analyze(prepared)  # removal edits the analysed graph, so each trial gets a fresh one
-            scores = {gid: s for gid, (s, _) in unit_scores(analysis, criterion).items()}
-            others = {g.id: "not under test" for g in analysis.groups if g.id != group.id}
-            decisions = choose(analysis, scores, Targets(ratio, "uniform", 1, 1, False), others)
-            removed = removed_roots(decisions)
-            kept = int(decisions[group.id].keep.sum())
-            value = _metric(run_ort(apply_removal(analysis, removed)[0], feeds), reference, labels) \
-                if removed else baseline
-            drops[f"{ratio:g}"] = {"kept": kept, "metric": round(value, 6), "drop": round(baseline - value, 6)}
+        trials = outcome.results[number * len(ratios):(number + 1) * len(ratios)]
+        drops = {f"{ratio:g}": {k: trial[k] for k in ("kept", "metric", "drop")}
+                 for ratio, trial in zip(ratios, trials, strict=True)}
         rows.append({"group": group.id, "name": group.name, "producers": group.producers,
                      "channels": group.channels, "ratios": drops})
     rows.sort(key=lambda row: -max(r["drop"] for r in row["ratios"].values()))

@@ -186,3 +186,21 @@ def test_python_api_runs_a_custom_task_over_the_spec_axes():
     assert result["points"][1]["error"] == "ValueError: negative strength"
     outcome = execute(accuracy_of_strength, [{"strength": 0.5}], {"base": 2.0})
     assert outcome.results[0]["accuracy"] == 1.5 and not outcome.interrupted
+
+
+def test_sensitivity_and_reram_sweep_run_their_trials_on_the_same_engine(digits_assets, local_ray):
+    from optimizer.pipeline import optimize
+    from optimizer.sensitivity import sensitivity
+    from runtimes.reram.sweep import sweep
+
+    model = onnx.load(digits_assets.model)
+    evaluation = {k: v[:120] for k, v in np.load(digits_assets.eval).items()}
+    here = sensitivity(model, evaluation, ratios=(0.5, 0.75))
+    assert sensitivity(model, evaluation, ratios=(0.5, 0.75), workers=2) == here
+    assert [len(row["ratios"]) for row in here["groups"]] == [2] * 4 and here["groups"][0]["ratios"]["0.75"]["drop"] > 0
+
+    quantized, _ = optimize(model, ["cleanup", "quantize"], calibration=dict(np.load(digits_assets.calibration)))
+    options = {"variation": "0.05", "seed": "3"}
+    points = sweep(quantized, evaluation, adc_bits=[3, 8], options=options)
+    assert sweep(quantized, evaluation, adc_bits=[3, 8], options=options, workers=2) == points
+    assert points["points"][0]["saturation_rate"] > points["points"][1]["saturation_rate"] == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.errors import UsageError
+from optimizer.errors import RuntimeFailure, UsageError
 
 NOISE_OFF = {"variation": 0.0, "stuck_at": 0.0, "read_noise": 0.0, "on_off": "inf"}
 
@@ -43,8 +43,15 @@ def sweep(
     adc_bits: list[int],
     options: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict:
-    """Accuracy, saturation and energy for each ADC resolution. `options` are reram options (strings or values)."""
+    """Accuracy, saturation and energy for each ADC resolution. `options` are reram options (strings or values).
+
+    The resolutions are the points of a sweep (optimizer.sweep.engine): `workers`/`address` run them on a local
+    Ray or a cluster, with the same result as in this process.
+    """
+    from optimizer.sweep.engine import execute
     from runtimes.reram import load
 
     if "labels" not in evaluation:
@@ -59,25 +66,39 @@ def sweep(
     reference = _ort_accuracy(model, evaluation)
     note("integer baseline (ideal ADCs, no device noise)")
     baseline = load(model, **{**options, **NOISE_OFF, "adc_bits": 0}).evaluate(evaluation)
-    points = []
-    for bits in adc_bits:
-        note(f"ADC {bits} bits")
-        described = load(model, **{**options, "adc_bits": bits}).evaluate(evaluation)
-        points.append({
-            "adc_bits": bits,
-            "accuracy": described["accuracy"],
-            "saturation_rate": described["saturation_rate"],
-            "saturated_conversions": described["saturated_conversions"],
-            "adc_conversions": described["adc_conversions"],
-            "energy_pj": described["energy_pj"]["total"],
-            "pj_per_mac": described["pj_per_mac"],
-        })
+    outcome = execute(_point, [{"adc_bits": bits} for bits in adc_bits], (model.SerializeToString(), evaluation,
+                      options), workers=workers, address=address,
+                      on_result=lambda index, result, done, total: note(f"ADC {result['params']['adc_bits']} bits"))
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    for result in outcome.results:
+        if not result["ok"]:
+            raise RuntimeFailure(f"reram-sweep: ADC {result['params']['adc_bits']} bits: {result['error']}")
+    points = [{k: v for k, v in result.items() if k not in ("params", "ok", "seconds")}
+              for result in outcome.results]
     return {
         "ort_accuracy": reference,
         "integer_baseline": baseline["accuracy"],
         "samples": int(np.asarray(evaluation["labels"]).size),
         "points": points,
         "settings": {k: v for k, v in baseline["settings"].items() if k not in NOISE_OFF and k != "adc_bits"},
+    }
+
+
+def _point(inputs: tuple[bytes, dict, dict], params: dict) -> dict:
+    """One ADC resolution on the emulator (a sweep point; module level so that Ray can send it)."""
+    from runtimes.reram import load
+
+    model, evaluation, options = inputs
+    described = load(onnx.load_from_string(model), **{**options, "adc_bits": params["adc_bits"]}).evaluate(evaluation)
+    return {
+        "adc_bits": params["adc_bits"],
+        "accuracy": described["accuracy"],
+        "saturation_rate": described["saturation_rate"],
+        "saturated_conversions": described["saturated_conversions"],
+        "adc_conversions": described["adc_conversions"],
+        "energy_pj": described["energy_pj"]["total"],
+        "pj_per_mac": described["pj_per_mac"],
     }
 
 
