@@ -204,3 +204,14 @@ def test_sensitivity_and_reram_sweep_run_their_trials_on_the_same_engine(digits_
     points = sweep(quantized, evaluation, adc_bits=[3, 8], options=options)
     assert sweep(quantized, evaluation, adc_bits=[3, 8], options=options, workers=2) == points
     assert points["points"][0]["saturation_rate"] > points["points"][1]["saturation_rate"] == 0
+
+
+def test_sweep_imports_ray_only_when_points_go_to_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; from optimizer.cli import main; import optimizer.sweep; code = main(['sweep', '--help']); "
+            "print(code, 'ray' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "0 False False"
+    assert "--workers" in result.stdout and "--address" in result.stdout

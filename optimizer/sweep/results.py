@@ -116,9 +116,14 @@ def write_plot(result: dict, path: str | Path, title: str = "") -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
     axis.scatter([p[x] for p in points], [p[y] for p in points], color="tab:gray", alpha=0.6, label="points")
     axis.plot([p[x] for p in front], [p[y] for p in front], "o-", color="tab:blue", label="Pareto front")
-    for point in front:
-        axis.annotate(_params_label(point["params"]), (point[x], point[y]), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7)
+    labels: dict[tuple[float, float], list[str]] = {}
+    for point in front:  # points tied on both metrics share one label
+        labels.setdefault((point[x], point[y]), []).append(_params_label(point["params"]))
+    middle = (min(p[x] for p in front) + max(p[x] for p in front)) / 2
+    for (px, py), texts in labels.items():
+        right_half = px > middle
+        axis.annotate("\n".join(texts), (px, py), textcoords="offset points", xytext=(-6 if right_half else 6, -4),
+                      ha="right" if right_half else "left", va="top", fontsize=7)
     axis.set_xlabel(_LABELS[x])
     axis.set_ylabel(_LABELS[y])
     axis.set_title(title or f"sweep: {_LABELS[y]} against {_LABELS[x]}", fontsize=10)
