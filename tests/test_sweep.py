@@ -215,3 +215,27 @@ def test_sweep_imports_ray_only_when_points_go_to_ray():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "0 False False"
     assert "--workers" in result.stdout and "--address" in result.stdout
+
+
+def slow_square(inputs, params):
+    import time
+
+    time.sleep(params["x"] * inputs)
+    return {"accuracy": params["x"] ** 2}
+
+
+def test_ctrl_c_on_ray_cancels_the_running_points_and_keeps_the_finished(local_ray):
+    def interrupt_after_the_first(index, result, finished, total):
+        raise KeyboardInterrupt
+
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    points = [{"x": x} for x in (0, 30, 30, 30)]
+    outcome = execute(slow_square, points, 1.0, workers=2, on_result=interrupt_after_the_first)
+    assert outcome.interrupted and outcome.results[0] == {"params": {"x": 0}, "ok": True, "accuracy": 0,
+                                                          "seconds": outcome.results[0]["seconds"]}
+    assert outcome.results[1:] == [None, None, None]
+    assert local_ray.is_initialized()  # a Ray this process started itself stays up for its owner

@@ -94,6 +94,7 @@ def _execute_ray(task: Task, points: list[dict], inputs: Any, workers: int, addr
         start_ray(ray, workers, address)
     results: list[dict | None] = [None] * len(points)
     pending: dict[Any, int] = {}
+    limit = workers
     try:
         limit = workers if workers > 1 or address is None else max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=1, max_retries=0)(run_point)
