@@ -110,7 +110,8 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
         raise UsageError(f"{output}: the output would overwrite the input model; choose another path")
     if report:
         _require_directory(report, "report")
-    source, external = read_model(model)
+    source, external = read_model(model, notes=(notes := []))
+    _echo_notes(notes)
     calibration_data = load_npz(calibration, source) if calibration else None
     evaluation = load_npz(eval_path, source) if eval_path else None
     if evaluation is not None and "labels" not in evaluation:
@@ -136,6 +137,12 @@ def apply_cmd(model, pass_specs, recipe, output, calibration, eval_path, toleran
     _write_json(report, pipeline_report)
     print_pipeline_report(pipeline_report)
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """Load-time normalisation notes (optimizer.normalize), one `note:` line each on stderr."""
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def _gate_min(gate: str | None, gate_min: float | None) -> float | None:
@@ -166,12 +173,15 @@ def inspect_cmd(model, calibration, batch, report, debug):
     from optimizer.model import load_model
     from optimizer.report import layer_rows, model_stats
 
-    proto = load_model(model)
-    facts = {"model": str(model), "stats": model_stats(proto, batch), "layers": layer_rows(proto, batch)}
+    proto = load_model(model, notes=(notes := []))
+    _echo_notes(notes)
+    feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"} if calibration else {}
+    shapes = {name: array.shape for name, array in feeds.items()}
+    facts = {"model": str(model), "stats": model_stats(proto, batch, input_shapes=shapes),
+             "layers": layer_rows(proto, batch, input_shapes=shapes)}
     if calibration:
         from optimizer.activation_stats import activation_stats
 
-        feeds = {k: v for k, v in load_npz(calibration, proto).items() if k != "labels"}
         facts["activations"] = activation_stats(proto, feeds)
     _write_json(report, facts)
     print_inspect(facts)

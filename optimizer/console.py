@@ -49,9 +49,13 @@ def print_pipeline_report(report: dict) -> None:
         stats.add_row(label, _num(s["params"]), _num(s["macs"]), _num(s["bytes"]), _num(s["nodes"]),
                       f"{s['weight_sparsity']:.3f}")
     stats.add_row("output/input", *[
-        f"{after[k] / before[k]:.3f}" if before[k] else "-" for k in ("params", "macs", "bytes", "nodes")
+        f"{after[k] / before[k]:.3f}" if before[k] and after[k] is not None else "-"
+        for k in ("params", "macs", "bytes", "nodes")
     ], "")
     console.print(stats)
+    for label, s in (("input", before), ("output", after)):
+        if s.get("macs_note"):
+            console.print(f"{label} MACs {s['macs_note']}")
     if "eval" in report:
         e = report["eval"]
         console.print(f"top-1 accuracy: input {e['input']:.4f} → output {e['output']:.4f} "
@@ -100,13 +104,16 @@ def print_passes() -> None:
 
 def print_inspect(facts: dict) -> None:
     s = facts["stats"]
-    console.print(f"{facts['model']}: {s['params']:,} params, {s['macs']:,} MACs, {s['bytes']:,} bytes, "
+    macs = f"{s['macs']:,} MACs" if s["macs"] is not None else f"MACs {s['macs_note']}"
+    console.print(f"{facts['model']}: {s['params']:,} params, {macs}, {s['bytes']:,} bytes, "
                   f"{s['nodes']} nodes, weight sparsity {s['weight_sparsity']:.3f}")
     table = Table(title="layers", title_justify="left")
     for column in ("node", "op", "weight shape", "params", "MACs", "sparsity", "zero out-ch"):
         table.add_column(column, justify="left" if column in ("node", "op", "weight shape") else "right")
     for r in facts["layers"]:
-        table.add_row(r["node"], r["op"], "x".join(map(str, r["weight_shape"])), _num(r["params"]), _num(r["macs"]),
+        shape = "x".join(map(str, r["weight_shape"])) if r["weight"] else "(activations)"
+        macs = _num(r["macs"]) if r["macs"] is not None else "unknown"
+        table.add_row(r["node"], r["op"], shape, _num(r["params"]), macs,
                       f"{r['sparsity']:.3f}", f"{r['zero_channels']}/{r['channels']}")
     console.print(table)
     if "activations" in facts:

@@ -119,10 +119,10 @@ def split_labels(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np
 
 
 def batches(feeds: dict[str, np.ndarray], size: int):
-    """Yield slices of every array along axis 0."""
-    n = len(next(iter(feeds.values())))
+    """Yield slices of every array along axis 0; scalars (a sample rate, a threshold) go whole into every slice."""
+    n = max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
     for start in range(0, n, size):
-        yield {k: v[start:start + size] for k, v in feeds.items()}
+        yield {k: v[start:start + size] if np.ndim(v) else v for k, v in feeds.items()}
 
 
 def fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:

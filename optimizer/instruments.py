@@ -95,7 +95,7 @@ class Verify(Instrument):
 
     def before_run(self, state: RunState) -> None:
         feeds, _ = split_labels(state.ctx.calibration)
-        self.feeds = {k: v[: self.samples] for k, v in feeds.items()}
+        self.feeds = {k: v[: self.samples] if np.ndim(v) else v for k, v in feeds.items()}  # scalars go whole
         self.reference = run_ort(state.model, self.feeds)
 
     def after_pass(self, state: RunState, pass_, result) -> None:
@@ -150,7 +150,8 @@ class SpeedGate(Instrument):
 
         set_thread_env(self.threads)
         feeds, _ = split_labels(state.ctx.calibration)
-        self.first_model, self.first_feeds = state.model, {k: v[: self.batch] for k, v in feeds.items()}
+        self.first_model = state.model
+        self.first_feeds = {k: v[: self.batch] if np.ndim(v) else v for k, v in feeds.items()}
         self.feeds = self.first_feeds
         state.report["gate"] = {"runtime": self.runtime, "threads": self.threads, "batch": self.batch,
                                 "min_ratio": self.min_ratio, "passes": []}

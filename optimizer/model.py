@@ -17,12 +17,14 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (with its external data), check it, and upgrade opsets older than 13."""
-    return read_model(path)[0]
+def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data), check it, upgrade opsets older than 13 and normalise it
+    (optimizer.normalize: IR < 4 weights, Constant-node weights, constant subgraphs). `notes`, when given,
+    receives one line per normalisation step a user may want to know about."""
+    return read_model(path, notes=notes)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+def read_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> tuple[onnx.ModelProto, bool]:
     """load_model, plus whether the file kept its tensors as external data (so the output can do the same)."""
     path = Path(path)
     if not path.exists():
@@ -39,7 +41,12 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
     check_model(model, str(path))
-    return upgrade_opset(model, str(path)), external
+    from optimizer.normalize import normalize
+
+    model, steps = normalize(upgrade_opset(model, str(path)))
+    if notes is not None:
+        notes.extend(f"{path.name}: {step}" for step in steps)
+    return model, external
 
 
 def default_opset(model: onnx.ModelProto) -> int:

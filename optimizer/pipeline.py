@@ -127,8 +127,9 @@ def optimize(
         report["gate"]["ratio"]      # before / after latency on ONNX Runtime
     """
     if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
+        from optimizer.normalize import normalize
+
+        model = normalize(model_or_path)[0]
     else:
         model = load_model(model_or_path)
     pass_objects = [build_pass(spec) for spec in passes]
@@ -143,7 +144,9 @@ def optimize(
         evaluation=evaluation,
         seed=seed,
     )
-    state = RunState(model, ctx, {"input": model_stats(model, batch), "passes": []})
+    # open dims take the user's data sizes (random inputs' sizes are made up: those figures say "unknown")
+    shapes = {} if calibration is None else {k: np.shape(v) for k, v in ctx.calibration.items()}
+    state = RunState(model, ctx, {"input": model_stats(model, batch, input_shapes=shapes), "passes": []})
     for instrument in instruments:
         instrument.before_run(state)
     artifacts: list[Artifact] = []
@@ -154,7 +157,8 @@ def optimize(
         artifacts.extend(result.artifacts)
         _map_context(ctx, pass_, result)
         state.model = result.model
-    state.report["output"] = model_stats(state.model, batch)
+    shapes = {} if calibration is None else {k: np.shape(v) for k, v in ctx.calibration.items()}
+    state.report["output"] = model_stats(state.model, batch, input_shapes=shapes)
     for instrument in instruments:
         instrument.after_run(state)
     if ctx.warnings:

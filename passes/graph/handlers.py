@@ -35,6 +35,7 @@ from passes.graph.ops_layout import (
     TileHandler,
     TransposeHandler,
 )
+from passes.graph.ops_recurrent import GRUHandler, LSTMHandler, RNNHandler
 from passes.graph.ops_spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler, ShapeHandler, SizeHandler
 from passes.graph.ops_weights import ConvHandler, ConvTransposeHandler, GemmHandler, MatMulHandler
 
@@ -114,5 +115,8 @@ for _handler in (
     ReduceHandler(),
     ShapeHandler(),
     SizeHandler(),
+    LSTMHandler(),
+    GRUHandler(),
+    RNNHandler(),
 ):
     register_handler(_handler)

@@ -65,8 +65,26 @@ def check_supported(model: onnx.ModelProto) -> None:
             )
 
 
+def specialise(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The model with its graph inputs fixed to `shapes` and every shape subgraph folded into constants
+    (optimizer.normalize.fold_shapes): TVM's importer then sees static Reshape targets and ConstantOfShape sizes."""
+    from optimizer.normalize import fold_shapes, has_foldable_nodes
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name not in shapes:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shapes[value.name], strict=False):
+            dim.Clear()
+            dim.dim_value = int(size)
+    return fold_shapes(fixed) if has_foldable_nodes(fixed.graph) else fixed
+
+
 def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     """Relax module with the given input shapes; weights become constants and constant subgraphs are folded."""
+    model = specialise(model, shapes)
     check_supported(model)
     dtypes = {spec.name: spec.dtype for spec in input_specs(model)}
     importer = _naming_importer({name: list(shape) for name, shape in shapes.items()}, dtypes)
