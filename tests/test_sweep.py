@@ -239,3 +239,44 @@ def test_ctrl_c_on_ray_cancels_the_running_points_and_keeps_the_finished(local_r
                                                           "seconds": outcome.results[0]["seconds"]}
     assert outcome.results[1:] == [None, None, None]
     assert local_ray.is_initialized()  # a Ray this process started itself stays up for its owner
+
+
+def test_reram_runtime_points_report_emulator_accuracy_and_energy(digits_assets, tmp_path):
+    import runtimes
+    from optimizer.pipeline import optimize
+
+    quantized, _ = optimize(onnx.load(digits_assets.model), ["cleanup", "quantize"],
+                            calibration=dict(np.load(digits_assets.calibration)))
+    onnx.save(quantized, tmp_path / "q.onnx")
+    evaluation = {k: v[:60] for k, v in np.load(digits_assets.eval).items()}
+    np.savez(tmp_path / "e.npz", **evaluation)
+    spec = {"model": "q.onnx", "eval": "e.npz", "runtime": "reram",
+            "runtime_options": {"adc_bits": "{bits}", "variation": 0.05, "seed": "{seed}"},
+            "axes": {"seed": [1], "bits": [3, 8]}}
+    result = run(spec_file(tmp_path, spec))
+    assert result["pareto"]["x"] == "energy_pj"
+    for point in result["points"]:
+        session = runtimes.load("reram", quantized, adc_bits=point["params"]["bits"], variation=0.05, seed=1,
+                                threads=1)
+        described = session.evaluate(evaluation)
+        assert point["accuracy"] == described["accuracy"]
+        assert point["energy_pj"] == pytest.approx(described["energy_pj"]["total"], rel=1e-12)
+    low, high = result["points"]
+    assert low["saturation_rate"] > 0 == high["saturation_rate"] and low["energy_pj"] < high["energy_pj"]
+
+
+def test_bench_points_measure_latency_and_the_front_uses_it(digits_assets, tmp_path):
+    spec = write_spec(tmp_path, digits_assets, passes=["structured-sparse:ratio={ratio},criterion=l1,recover=none"],
+                      axes={"ratio": [0.25, 0.75]}, bench={"runs": 3, "warmup": 1}, objective="latency_ms")
+    result = run(spec)
+    assert result["pareto"]["x"] == "latency_ms"
+    for point in result["points"]:
+        assert point["latency_ms"] == point["report"]["bench"]["median_ms"] > 0
+        assert (point["report"]["bench"]["threads"], point["report"]["bench"]["runtime"]) == (1, "ort")
+    assert ranking(result["points"], "latency_ms")[0] == int(np.argmin([p["latency_ms"] for p in result["points"]]))
+
+
+def spec_file(directory, spec):
+    path = directory / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
