@@ -104,7 +104,9 @@ def print_passes() -> None:
 
 def print_inspect(facts: dict) -> None:
     s = facts["stats"]
-    macs = f"{s['macs']:,} MACs" if s["macs"] is not None else f"MACs {s['macs_note']}"
+    macs = f"MACs {s['macs_note']}" if s["macs"] is None else f"{s['macs']:,} MACs"
+    if s["macs"] is not None and s.get("macs_note"):
+        macs += f" ({s['macs_note']})"
     console.print(f"{facts['model']}: {s['params']:,} params, {macs}, {s['bytes']:,} bytes, "
                   f"{s['nodes']} nodes, weight sparsity {s['weight_sparsity']:.3f}")
     table = Table(title="layers", title_justify="left")

@@ -19,8 +19,10 @@ from typing import Literal
 
 import numpy as np
 
+from optimizer import keys
+
 # metadata_props key of a quantized model: per integer weight its bits and scale (schema in passes/quantize.py)
-QUANT_METADATA_KEY = "sculpt.quant"
+QUANT_METADATA_KEY = keys.QUANT
 SignMode = Literal["differential", "offset"]
 
 

@@ -15,7 +15,7 @@ import onnx
 
 from optimizer.data import split_labels
 from optimizer.errors import PassError, UsageError
-from optimizer.verify import compare, run_ort
+from optimizer.verify import compare, run_ort, top1
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -34,8 +34,7 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 def _metric(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None) -> float:
     if labels is None:
         return compare(reference, outputs)["cosine"]
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+    return top1(next(iter(outputs.values())), labels)
 
 
 @dataclass(frozen=True)

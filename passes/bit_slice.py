@@ -53,7 +53,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer import quant
+from optimizer import keys, quant
 from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
@@ -61,7 +61,7 @@ from optimizer.plots import slice_sparsity_png
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
-METADATA_KEY = "sculpt.bitslice"
+METADATA_KEY = keys.BITSLICE
 CELL_BITS = range(1, 5)
 INPUT_BITS = range(1, 9)
 MAX_WEIGHT_BITS = 16

@@ -34,6 +34,7 @@ from onnx import TensorProto, numpy_helper
 
 from optimizer import quant
 from optimizer.errors import UsageError
+from optimizer.verify import top1
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, insert_qdq, output_tensors, plain
@@ -275,7 +276,6 @@ def _accuracies(original: onnx.ModelProto, quantized: onnx.ModelProto, evaluatio
     feeds, labels = split_labels(evaluation)
     scores = {}
     for key, model in (("float", original), ("quantized", quantized)):
-        logits = next(iter(_run(model, feeds).values()))
-        scores[key] = float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+        scores[key] = top1(next(iter(_run(model, feeds).values())), labels)
     scores["delta_pt"] = round(100.0 * (scores["quantized"] - scores["float"]), 3)
     return scores

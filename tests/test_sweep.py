@@ -211,9 +211,9 @@ def test_sweep_imports_ray_only_when_points_go_to_ray():
     import sys
 
     code = ("import sys; from optimizer.cli import main; import optimizer.sweep; code = main(['sweep', '--help']); "
-            "print(code, 'ray' in sys.modules, 'torch' in sys.modules)")
+            "print(code, *(name in sys.modules for name in ('ray', 'torch', 'passes', 'runtimes')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == "0 False False"
+    assert result.stdout.strip().splitlines()[-1] == "0 False False False False"
     assert "--workers" in result.stdout and "--address" in result.stdout
 
 

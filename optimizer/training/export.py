@@ -28,7 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from optimizer import quant
+from optimizer import keys, quant
 from optimizer.errors import ModelError, UsageError
 from optimizer.model import save_model, set_metadata
 from optimizer.quant import QUANT_METADATA_KEY
@@ -99,8 +99,8 @@ def _sculpt_metadata(
     initializers = {t.name for t in proto.graph.initializer}
     if regularizer is not None:
         description = regularizer.describe()
-        out["sculpt.regularizer"] = json.dumps(description["terms"])
-        out["sculpt.groups"] = json.dumps(_onnx_names(description["layers"], initializers))
+        out[keys.REGULARIZER] = json.dumps(description["terms"])
+        out[keys.GROUPS] = json.dumps(_onnx_names(description["layers"], initializers))
     if quantization:
         out[QUANT_METADATA_KEY] = json.dumps(_quant_metadata(quantization, initializers))
     for key, value in (extra or {}).items():

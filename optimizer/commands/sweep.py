@@ -6,7 +6,26 @@ from pathlib import Path
 
 import click
 
-from optimizer.errors import UsageError
+from optimizer.commands.common import debug_option, require_directory
+
+
+@click.command("sweep")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="points at a time: 1 runs here without Ray, N starts a local Ray with N CPUs")
+@click.option("--address", help="join a running Ray cluster (e.g. 10.0.0.5:6379) instead of starting one")
+@click.option("--report", type=click.Path(dir_okay=False), help="write every point's result as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write the Pareto front as PNG")
+@debug_option
+def command(spec, workers, address, report, plot, debug):
+    """Run the pipeline over the product of SPEC's axes (YAML): a table by objective, a Pareto front.
+
+    Exit code 1 when a point failed (the others still run and are reported), 130 after Ctrl-C (the finished
+    points are written).
+    """
+    code = sweep_command(spec, workers=workers, address=address, report=report, plot=plot)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 def sweep_command(spec_path: str, *, workers: int, address: str | None, report: str | None,
@@ -21,8 +40,8 @@ def sweep_command(spec_path: str, *, workers: int, address: str | None, report: 
     from optimizer.sweep.results import check_plot_path, print_table, write_plot
 
     for path, what in ((report, "report"), (plot, "plot")):
-        if path and not Path(path).parent.is_dir():
-            raise UsageError(f"{path}: {what} directory {Path(path).parent} does not exist")
+        if path:
+            require_directory(path, what)
     if plot:
         check_plot_path(plot)
     spec = load_spec(spec_path)
