@@ -3,16 +3,18 @@
 The digits CNN, quantized (cleanup + 8-bit dynamic fixed point), is evaluated on the emulator's whole test split
 at every point of device-variation seed x ADC resolution (conductance variation 5%; 6 seeds x 4 resolutions = 24
 points by default). Every point's BLAS runs on one thread, in both rows, so the rows differ only in how many
-points run at once. The Ray row is split into starting the local Ray and the sweep itself; both rows must give
-the same points (timings aside), which the script checks. Asserts nothing about time.
+points run at once. Ray is started once (timed apart) and kept up for every round; with --rounds the rows
+alternate and the median is shown. Both rows must give the same points (timings aside), which the script
+checks. Asserts nothing about time.
 
-    .venv/bin/python benchmarks/sweep.py [--seeds 6] [--adc-bits 3,4,5,8] [--workers 2] [--samples 450]
+    .venv/bin/python benchmarks/sweep.py [--seeds 6] [--adc-bits 3,4,5,8] [--workers 2] [--samples 450] [--rounds 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--adc-bits", default="3,4,5,8")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=450, help="test images per point (the split has 450)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of both rows (median)")
     parser.add_argument("--out", type=Path, default=None, help="where to build the assets (default: temp)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
@@ -66,20 +69,22 @@ def main() -> None:
     points = args.seeds * len(args.adc_bits.split(","))
     print(f"reram Monte Carlo on the quantized digits CNN: {points} points (seeds 0-{args.seeds - 1} x ADC bits "
           f"{args.adc_bits}), {args.samples} test images each, BLAS threads 1 per point, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
-
-    started = time.perf_counter()
-    one = run(spec, workers=1)
-    one_seconds = time.perf_counter() - started
+          f"load average {os.getloadavg()[0]:.1f} at start, {args.rounds} round(s), median seconds")
 
     ray = import_ray()
     started = time.perf_counter()
     start_ray(ray, args.workers, None)
     ray_start = time.perf_counter() - started
-    started = time.perf_counter()
-    many = run(spec, workers=args.workers)
-    many_seconds = time.perf_counter() - started
+    one_times, many_times = [], []
+    for _ in range(args.rounds):  # alternating rows, so that a change in the machine's load hits both
+        started = time.perf_counter()
+        one = run(spec, workers=1)
+        one_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        many = run(spec, workers=args.workers)
+        many_times.append(time.perf_counter() - started)
     ray.shutdown()
+    one_seconds, many_seconds = statistics.median(one_times), statistics.median(many_times)
 
     same = without_timings(one["points"]) == without_timings(many["points"])
     failed = sum(not p["ok"] for p in one["points"]) + sum(not p["ok"] for p in many["points"])

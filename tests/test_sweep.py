@@ -89,9 +89,12 @@ def test_twelve_points_give_the_same_results_on_one_worker_and_on_two_ray_worker
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "ray"])
 def test_a_point_with_an_invalid_option_fails_alone_and_is_reported(digits_assets, tmp_path, capsys, workers,
-                                                                    request):
-    if workers > 1:
-        request.getfixturevalue("local_ray")
+                                                                    request, monkeypatch):
+    puts = []
+    if workers > 1:  # the model and data go to the object store once, not once per point
+        ray = request.getfixturevalue("local_ray")
+        put = ray.put
+        monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(type(value).__name__) or put(value, **kw))
     points = [{"ratio": 0.5, "criterion": "l1"}, {"ratio": 0.5, "criterion": "magnitude"},
               {"ratio": 0.25, "criterion": "l2"}]
     spec = write_spec(tmp_path, digits_assets, passes=["structured-sparse:ratio={ratio},criterion={criterion}"],
@@ -106,6 +109,7 @@ def test_a_point_with_an_invalid_option_fails_alone_and_is_reported(digits_asset
     captured = capsys.readouterr()
     assert "failed" in captured.out and "magnitude" in captured.err
     assert ranking(result["points"], "accuracy")[-1] == 1
+    assert sorted(puts) == ([] if workers == 1 else ["PipelineTask", "SweepInputs"])
 
 
 def test_axes_expand_in_product_order_with_ranges_and_typed_substitution(tmp_path):
