@@ -96,6 +96,10 @@ def main() -> None:
           f"{one_seconds / many_seconds:>8.2f}x{one_seconds / total:>12.2f}x")
     print(f"same points on both rows (timings aside): {same}; failed points: {failed}; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
+    for label, result, wall in (("1 worker", one, one_times[-1]), (f"{args.workers} workers", many, many_times[-1])):
+        busy = sum(p["seconds"] for p in result["points"])
+        print(f"{label}: mean {busy / points:.2f} s per point, {busy / wall:.2f} points running on average "
+              "(last round)")
     accuracy = {}
     for point in one["points"]:
         accuracy.setdefault(point["params"]["adc_bits"], []).append(point["accuracy"])
