@@ -143,7 +143,10 @@ def start_ray(ray, workers: int, address: str | None) -> None:
     # workers import the code this process runs (not whatever `sculpt` the environment has installed)
     root = str(Path(__file__).resolve().parents[2])
     python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=workers, runtime_env={"env_vars": {"PYTHONPATH": python_path}}, **quiet)
+    # Ray runs its workers at nice 15 by default; a sweep's points run at the priority of the command that
+    # started them, as they do with --workers 1 (on a shared machine nice 15 hands the CPUs to everyone else)
+    ray.init(address="local", num_cpus=workers, runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+             _system_config={"worker_niceness": 0}, **quiet)
 
 
 def _check_reachable(address: str) -> None:
