@@ -3,8 +3,10 @@
 The digits CNN, quantized (cleanup + 8-bit dynamic fixed point), is evaluated on the emulator's whole test split
 at every point of device-variation seed x ADC resolution (conductance variation 5%; 6 seeds x 4 resolutions = 24
 points by default). Every point's BLAS runs on one thread, in both rows, so the rows differ only in how many
-points run at once. Ray is started once (timed apart) and kept up for every round; with --rounds the rows
-alternate and the median is shown. Both rows must give the same points (timings aside), which the script
+points run at once. A control times a plain numpy kernel on N processes without Ray, before and after the
+rows: the parallel speedup the machine offers at that moment (on a shared host it can be far below N). Ray is
+started once (timed apart) and kept up for every round; with --rounds the rows alternate and the median is
+shown. Both rows must give the same points (timings aside), which the script
 checks. Asserts nothing about time.
 
     .venv/bin/python benchmarks/sweep.py [--seeds 6] [--adc-bits 3,4,5,8] [--workers 2] [--samples 450] [--rounds 1]
@@ -20,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
@@ -32,6 +35,31 @@ from optimizer.pipeline import optimize  # noqa: E402
 from optimizer.sweep import run, without_timings  # noqa: E402
 from optimizer.sweep.engine import import_ray, start_ray  # noqa: E402
 from samples.digits.digits_cnn import build  # noqa: E402
+
+
+def _kernel(seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((300, 300))
+    for _ in range(150):
+        a = np.tanh(a @ a.T / 300)
+    return float(a[0, 0])
+
+
+def machine_parallelism(workers: int, tasks: int = 8) -> float:
+    """Speedup of a plain numpy kernel on `workers` processes (multiprocessing, no Ray) over one: what the
+    machine offers right now, the ceiling the Ray row can be read against on a shared host."""
+    from multiprocessing import Pool
+
+    started = time.perf_counter()
+    for seed in range(tasks):
+        _kernel(seed)
+    serial = time.perf_counter() - started
+    with Pool(workers) as pool:
+        pool.map(_kernel, range(workers))  # start-up and imports out of the timing
+        started = time.perf_counter()
+        pool.map(_kernel, range(tasks))
+        parallel = time.perf_counter() - started
+    return serial / parallel
 
 
 def write_spec(directory: Path, seeds: int, adc_bits: list[int], samples: int) -> Path:
@@ -71,6 +99,7 @@ def main() -> None:
           f"{args.adc_bits}), {args.samples} test images each, BLAS threads 1 per point, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start, {args.rounds} round(s), median seconds")
 
+    control = [machine_parallelism(args.workers)]
     ray = import_ray()
     started = time.perf_counter()
     start_ray(ray, args.workers, None)
@@ -84,6 +113,7 @@ def main() -> None:
         many = run(spec, workers=args.workers)
         many_times.append(time.perf_counter() - started)
     ray.shutdown()
+    control.append(machine_parallelism(args.workers))
     one_seconds, many_seconds = statistics.median(one_times), statistics.median(many_times)
 
     same = without_timings(one["points"]) == without_timings(many["points"])
@@ -96,6 +126,8 @@ def main() -> None:
           f"{one_seconds / many_seconds:>8.2f}x{one_seconds / total:>12.2f}x")
     print(f"same points on both rows (timings aside): {same}; failed points: {failed}; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"control, a numpy kernel on {args.workers} plain processes (no Ray) against 1: {control[0]:.2f}x before "
+          f"the rows, {control[1]:.2f}x after")
     for label, result, wall in (("1 worker", one, one_times[-1]), (f"{args.workers} workers", many, many_times[-1])):
         busy = sum(p["seconds"] for p in result["points"])
         print(f"{label}: mean {busy / points:.2f} s per point, {busy / wall:.2f} points running on average "
