@@ -1,7 +1,8 @@
 """`bit-slice`: decompose every quantized weight into crossbar cell slices and plan the ADC resolution per slice.
 
 The graph is not changed (the contract is exact: outputs stay bit-identical). The pass reads each crossbar
-weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ), or the
+weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ; int16 holds
+the sign + 8-bit magnitude of `quantize:magnitude_bits=8`, sliced as 9 signed bits: four full 2-bit cells), or the
 weight operand of QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger — subtracts the zero point, lays the
 codes out as crossbar matrices and splits them with `optimizer.quant.split_slices`.
 

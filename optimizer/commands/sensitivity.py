@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import debug_option, sweep_options, write_report
+from optimizer.commands.common import check_paths, debug_option, sweep_options, write_report
 
 
 @click.command("sensitivity")
@@ -23,6 +23,7 @@ def command(model, eval_path, ratios, criterion, report, workers, address, debug
     from optimizer.sensitivity import parse_ratios, print_sensitivity, sensitivity
 
     parsed = parse_ratios(ratios)
+    check_paths(models=[("the input model", model)], reads=[("--eval", eval_path)], writes=[("--report", report)])
     proto = load_model(model)
     result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
                          progress=lambda text: click.echo(f"sensitivity: {text}…", err=True), workers=workers,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from optimizer.commands.common import debug_option, require_directory
+from optimizer.commands.common import check_paths, debug_option
 
 
 @click.command("sweep")
@@ -39,12 +39,13 @@ def sweep_command(spec_path: str, *, workers: int, address: str | None, report: 
     from optimizer.sweep import load_spec, run
     from optimizer.sweep.results import check_plot_path, print_table, write_plot
 
-    for path, what in ((report, "report"), (plot, "plot")):
-        if path:
-            require_directory(path, what)
+    spec = load_spec(spec_path)
+    check_paths(models=[("the spec's model", str(spec.model))] if spec.model else [],
+                reads=[("SPEC", spec_path), ("the spec's calibration", spec.calibration),
+                       ("the spec's eval", spec.eval)],
+                writes=[("--report", report), ("--plot", plot)])
     if plot:
         check_plot_path(plot)
-    spec = load_spec(spec_path)
     failures: list[str] = []
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
