@@ -205,9 +205,11 @@ def test_sensitivity_and_reram_sweep_run_their_trials_on_the_same_engine(digits_
 
     quantized, _ = optimize(model, ["cleanup", "quantize"], calibration=dict(np.load(digits_assets.calibration)))
     options = {"variation": "0.05", "seed": "3"}
-    points = sweep(quantized, evaluation, adc_bits=[3, 8], options=options)
-    assert sweep(quantized, evaluation, adc_bits=[3, 8], options=options, workers=2) == points
+    points = sweep(quantized, evaluation, adc_bits=[3, 8], options=options, per_slice=[(1, 3, 3, 3)])
+    assert sweep(quantized, evaluation, adc_bits=[3, 8], options=options, per_slice=[(1, 3, 3, 3)], workers=2) == points
     assert points["points"][0]["saturation_rate"] > points["points"][1]["saturation_rate"] == 0
+    per_slice = points["points"][2]
+    assert per_slice["adc_bits"] == [1, 3, 3, 3] and len(per_slice["saturated_by_slice_msb_first"]) == 4
 
 
 def test_sweep_imports_ray_only_when_points_go_to_ray():
