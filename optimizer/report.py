@@ -211,4 +211,17 @@ def model_stats(model: onnx.ModelProto, batch: int = 1, *,
     }
     if unknown:
         stats["macs_note"] = unknown[0]["macs_note"]
+    elif inside := _weighted_in_bodies(model.graph):
+        stats["macs_note"] = (f"partial: {inside} weighted nodes inside If/Loop/Scan bodies are not counted (a "
+                              "body runs a data-dependent number of times, or not at all)")
     return stats
+
+
+def _weighted_in_bodies(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                count += sum(n.op_type in WEIGHTED_OPS for n in body.node) + _weighted_in_bodies(body)
+    return count

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
-from optimizer.data import split_labels
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs, split_labels
+from optimizer.errors import VerificationError
+from optimizer.ort_session import ort_session, run_outputs
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    from runtimes import ort
-
-    return ort.load(model, threads=threads).run(feeds)
+    """The model's outputs (name -> array, in output order) on ONNX Runtime's CPU provider; more samples than a
+    fixed batch are fed in chunks (optimizer.data.feed_in_chunks)."""
+    session = ort_session(model, threads)
+    return feed_in_chunks(lambda part: run_outputs(session, part), feeds, fixed_batch(graph_inputs(model)))
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
@@ -19,10 +24,21 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
 
     max_rel_err is relative to the reference output's scale (max |ref|), so that near-zero elements do not
     dominate; cosine is over the flattened outputs; top1_agreement compares argmax over the last axis of
-    outputs whose last axis has more than one class.
+    outputs whose last axis has more than one class. NaN/Inf in either side's outputs make the comparison
+    meaningless: the result then carries `nonfinite` counts, errors of inf and cosine/agreement 0, and
+    `failure` says why (the pipeline fails on it). Raises VerificationError when there is nothing to compare.
+
+        >>> compare({"y": np.ones((2, 3))}, {"y": np.ones((2, 3))})["cosine"]
+        1.0
     """
     if len(reference) != len(candidate):
-        raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
+        raise VerificationError(f"output count differs: {len(reference)} vs {len(candidate)}")
+    if not reference or all(np.size(v) == 0 for v in reference.values()):
+        raise VerificationError("nothing to compare: the outputs hold no values (zero samples?)")
+    nonfinite = _nonfinite_counts(reference, candidate)
+    if nonfinite["reference"] or nonfinite["candidate"]:
+        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "cosine": 0.0, "top1_agreement": 0.0,
+                "nonfinite": nonfinite, "failure": _nonfinite_message(nonfinite)}
     max_abs = max_rel = 0.0
     cosine, agreement = 1.0, None
     for ref, new in zip(reference.values(), candidate.values(), strict=True):
@@ -30,7 +46,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         new = np.asarray(new, dtype=np.float64)
         if ref.shape != new.shape:
             return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "cosine": 0.0, "top1_agreement": 0.0,
-                    "shape_mismatch": [list(ref.shape), list(new.shape)]}
+                    "shape_mismatch": [list(ref.shape), list(new.shape)],
+                    "failure": f"output shape changed from {list(ref.shape)} to {list(new.shape)}"}
         diff = np.abs(ref - new)
         err = float(diff.max(initial=0.0))
         scale = float(np.abs(ref).max(initial=0.0))
@@ -44,16 +61,59 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "cosine": cosine, "top1_agreement": agreement}
 
 
-def top1_accuracy(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], runtime: str = "ort") -> float:
-    """Fraction of samples whose argmax over the first output's last axis equals `labels`."""
+def _nonfinite_counts(reference: dict, candidate: dict) -> dict[str, int]:
+    def count(outputs):
+        return sum(int(np.size(v) - np.isfinite(v).sum()) for v in outputs.values()
+                   if np.asarray(v).dtype.kind in "fc")
+
+    return {"reference": count(reference), "candidate": count(candidate)}
+
+
+def _nonfinite_message(nonfinite: dict[str, int]) -> str:
+    if nonfinite["reference"]:
+        return (f"the reference model's outputs hold {nonfinite['reference']} NaN/Inf values on the verification "
+                "inputs, so nothing can be compared")
+    return f"the new model's outputs hold {nonfinite['candidate']} NaN/Inf values on the verification inputs"
+
+
+@dataclass(frozen=True)
+class QualityFloor:
+    """Below these an approximate pass is reported loudly (`--strict`: the run fails and writes nothing).
+
+    min_cosine 0.99 and min_agreement 0.95 (top-1 of the pass's output against its input's, on the
+    verification inputs): 8-bit quantization of the digits CNN stays at cosine 0.99996 and agreement 1.0, so a
+    pass below the floor has changed the model far more than a careful compression step does.
+
+        >>> QualityFloor().shortfall({"cosine": 0.13, "top1_agreement": 0.4})
+        'cosine 0.130000 < 0.99, top-1 agreement 0.4000 < 0.95'
+    """
+
+    min_cosine: float = 0.99
+    min_agreement: float = 0.95
+
+    def shortfall(self, verify: dict) -> str | None:
+        """What fell below the floor, or None."""
+        parts = []
+        if verify["cosine"] < self.min_cosine:
+            parts.append(f"cosine {verify['cosine']:.6f} < {self.min_cosine:g}")
+        agreement = verify.get("top1_agreement")
+        if agreement is not None and agreement < self.min_agreement:
+            parts.append(f"top-1 agreement {agreement:.4f} < {self.min_agreement:g}")
+        return ", ".join(parts) or None
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows of `logits` ([N, classes], or [N, ...] flattened per sample) whose argmax is the label.
+
+        top1(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]))   # 0.5
+    """
+    labels = np.asarray(labels).reshape(-1)
+    return float(np.mean(np.asarray(logits).reshape(len(labels), -1).argmax(-1) == labels))
+
+
+def top1_accuracy(model: onnx.ModelProto, evaluation: dict[str, np.ndarray]) -> float:
+    """Top-1 of the model's first output on ONNX Runtime against the evaluation data's `labels`."""
     feeds, labels = split_labels(evaluation)
     if labels is None:
         raise ValueError("evaluation data has no 'labels' array")
-    if runtime == "ort":
-        outputs = run_ort(model, feeds)
-    else:
-        import runtimes
-
-        outputs = runtimes.load(runtime, model).run(feeds)
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+    return top1(next(iter(run_ort(model, feeds).values())), labels)

@@ -147,15 +147,18 @@ def cleanup_model(model: onnx.ModelProto, fold_bn: bool = True) -> onnx.ModelPro
 
 def cleanup_with_details(model: onnx.ModelProto, fold_bn: bool = True) -> tuple[onnx.ModelProto, dict]:
     """cleanup_model, plus the counts the pass reports."""
+    from optimizer.normalize import quiet_third_party
+
     nodes_before = len(model.graph.node)
-    graph = gs.import_onnx(model)
-    graph.fold_constants(error_ok=True).cleanup()
-    bn_before = sum(n.op == "BatchNormalization" for n in graph.nodes)
-    passthrough, kept = remove_passthrough(graph)
-    folded, unfolded = fold_batchnorm(graph) if fold_bn else (0, [])
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    graph.fold_constants(error_ok=True).cleanup()
-    cleaned = gs.export_onnx(graph, do_type_check=True)
+    with quiet_third_party():  # graphsurgeon's folding warnings are about its internals, not the user's model
+        graph = gs.import_onnx(model)
+        graph.fold_constants(error_ok=True).cleanup()
+        bn_before = sum(n.op == "BatchNormalization" for n in graph.nodes)
+        passthrough, kept = remove_passthrough(graph)
+        folded, unfolded = fold_batchnorm(graph) if fold_bn else (0, [])
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.fold_constants(error_ok=True).cleanup()
+        cleaned = gs.export_onnx(graph, do_type_check=True)
     copy_model_fields(model, cleaned)
     details = {
         "batchnorm_folded": folded,

@@ -29,13 +29,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer import keys
 from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 
-METADATA_KEY = "sculpt.sparsify"
+METADATA_KEY = keys.SPARSIFY
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
@@ -124,6 +125,12 @@ class Sparsify(Pass):
             layers.append(layer_row(target, pruned, self.pattern))
         total = sum(r["params"] for r in layers)
         zeros = sum(r["params"] * r["sparsity"] for r in layers)
+        newly_zeroed = sum(int(np.count_nonzero(~mask & (matrix != 0))) for matrix, mask in zip(matrices, masks,
+                                                                                               strict=True))
+        if newly_zeroed == 0:
+            ctx.warn(f"pass sparsify: pattern={self.pattern} with sparsity={self.options.sparsity:g} zeroed no "
+                     "weight (sparsity 0, blocks larger than the weights, or too low a sparsity for one block); the "
+                     "model is unchanged")
         settings = {"pattern": str(self.pattern), "sparsity": self.options.sparsity, "scope": self.options.scope}
         set_metadata(result, METADATA_KEY, json.dumps(settings))
         details = {

@@ -248,7 +248,7 @@ def test_bad_options_are_usage_errors(options, fragment):
         runtimes.load("tvm", mlp_model(), **options)
 
 
-def test_an_op_tvm_cannot_import_is_named_with_its_node():
+def test_an_op_tvm_cannot_import_runs_on_onnxruntime_and_is_named():
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Celu", ["r"], ["y"], name="my_celu")],
         "g",
@@ -256,8 +256,25 @@ def test_an_op_tvm_cannot_import_is_named_with_its_node():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
     model = _checked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(RuntimeFailure, match="op 'Celu' \\(node 'my_celu'\\)"):
-        runtimes.load("tvm", model, cache=False)
+    session = runtimes.load("tvm", model, cache=False, threads=1)
+    x = np.linspace(-2, 2, 4, dtype=np.float32).reshape(1, 4)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(session.run({"x": x})["y"], want, rtol=1e-6, atol=1e-7)
+    facts = session.describe()
+    assert facts["onnxruntime_ops"] == ["Celu"] and [r["runtime"] for r in facts["runs"]] == ["tvm", "ort"]
+
+
+def test_an_op_neither_tvm_nor_onnxruntime_runs_is_named_with_its_node():
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], name="my_frob", domain="com.example")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    session = runtimes.load("tvm", model, cache=False, threads=1)
+    with pytest.raises(RuntimeFailure, match="op 'com.example.Frobnicate' \\(node 'my_frob'\\)"):
+        session.run({"x": np.ones((1, 4), np.float32)})
 
 
 def test_missing_tvm_gives_an_install_hint(monkeypatch):

@@ -6,6 +6,9 @@ TVM's legalization and fusion -> schedules (MetaSchedule records when tuned, els
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,9 +42,25 @@ def build(
     import tvm
 
     start = time.perf_counter()
-    mod, reports, untouched = rewritten_module(model, shapes, host=host, sparse=sparse, block=block)
-    executable = tvm.compile(mod, target=host.target, relax_pipeline=_pipeline(host, tuning_database))
+    with native_stderr_silenced():
+        mod, reports, untouched = rewritten_module(model, shapes, host=host, sparse=sparse, block=block)
+        executable = tvm.compile(mod, target=host.target, relax_pipeline=_pipeline(host, tuning_database))
     return BuildResult(executable, [r.as_dict() for r in reports], untouched, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """TVM's C++ log warnings ("Fast mode segfaults when there are out-of-bounds indices" for every Gather)
+    write straight to file descriptor 2; compile errors still arrive as Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def rewritten_module(model, shapes, *, host: HostTarget, sparse: str, block: BlockShape | None):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, first_line
 from optimizer.model import default_opset
 from runtimes.tvm.fold import fold_constants
 
@@ -90,11 +91,12 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     importer = _naming_importer({name: list(shape) for name, shape in shapes.items()}, dtypes)
     opset = default_opset(model)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints to stdout before re-raising
-            mod = importer.from_onnx(model.graph, opset)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Renaming name X to input_X": the importer's bookkeeping, not ours
+            mod = importer.from_onnx(model.graph, opset)  # it prints to stdout before re-raising
     except Exception as e:  # the importer raises assorted Python and TVM errors
         where = importer.current or "the model"
-        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {_first_line(e)}") from e
+        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {first_line(e)}") from e
     return fold_constants(mod)
 
 
@@ -112,10 +114,6 @@ def _naming_importer(shapes: dict[str, list[int]], dtypes: dict[str, str]):
 
     return NamingImporter(shapes, dtypes, keep_params_in_input=False, sanitize=True)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shapes_for(model: onnx.ModelProto, batch: int | None) -> dict[str, tuple[int, ...]] | None:

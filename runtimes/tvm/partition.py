@@ -143,7 +143,15 @@ class PartitionedSession:
         if run.kind == "ort":
             from runtimes.ort import OrtSession
 
-            return OrtSession(part, threads=self.options.threads)
+            try:
+                return OrtSession(part, threads=self.options.threads)
+            except RuntimeFailure as e:
+                node = run.nodes[0]
+                op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+                raise RuntimeFailure(
+                    f"tvm runtime: TVM cannot import op {op!r} (node {node.name or node.output[0]!r}) and ONNX Runtime "
+                    f"cannot run it either ({e}); rewrite that node into standard ONNX ops"
+                ) from e
         from runtimes.tvm.session import TvmSession
 
         return TvmSession(part, self.options)
