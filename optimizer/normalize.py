@@ -24,7 +24,7 @@ what matters is returned as notes, one line each:
     >>> model, notes = normalize(onnx.load("light_bvlc_alexnet.onnx"))
     >>> notes
     ['IR 3 -> 7: initializers are weights, not graph inputs',
-     'folded 16 constant subgraphs into initializers (+233.1 MiB of weights computed in the graph)']
+     'folded 16 constant nodes into initializers (+232.6 MiB of weights computed in the graph)']
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MiB = 2**20
 # never folded: QDQ weights stay integer; random ops are not constants
 _NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
 
@@ -55,15 +56,16 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         notes.append(_raise_ir(result))
     made = constants_to_initializers(result.graph)
     if made:
-        notes.append(f"{made} Constant-node tensors made initializers")
+        notes.append(f"{made} Constant-node weights made initializers")
     if has_foldable_nodes(result.graph):
         before = _initializer_bytes(result.graph)
         folded, count = fold_constant_subgraphs(result)
         if count:
             result = folded
             grown = (_initializer_bytes(result.graph) - before) / MiB
-            growth = f" (+{grown:.1f} MiB of weights computed in the graph)" if grown >= 1 else ""
-            notes.append(f"folded {count} constant nodes into initializers{growth}")
+            if grown >= 1:  # folding a few shape constants is not worth a line
+                notes.append(f"folded {count} constant nodes into initializers (+{grown:.1f} MiB of weights "
+                             "computed in the graph)")
     return result, notes
 
 
@@ -78,13 +80,14 @@ def _raise_ir(model: onnx.ModelProto) -> str:
 
 
 def constants_to_initializers(graph: onnx.GraphProto) -> int:
-    """Turn the graph's top-level Constant nodes into initializers (in place); returns how many.
+    """Turn the graph's top-level Constant nodes into initializers (in place); returns how many of them were
+    weights (floating-point tensors of more than one element; shape and axis constants are not counted).
 
     A Constant whose output is a graph output stays a node (an output must be produced by a node); sparse and
     string constants stay nodes too.
     """
     outputs = {o.name for o in graph.output}
-    kept, made = [], 0
+    kept, made, changed = [], 0, False
     for node in graph.node:
         tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
         if tensor is None or node.output[0] in outputs:
@@ -92,8 +95,9 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
             continue
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
-        made += 1
-    if made:
+        made += tensor.data_type in _FLOAT_TYPES and int(np.prod(tensor.dims)) > 1
+        changed = True
+    if changed:
         del graph.node[:]
         graph.node.extend(kept)
     return made
