@@ -22,6 +22,8 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimizer.data import load_npz, split_labels  # noqa: E402
+from optimizer.ort_session import ort_session  # noqa: E402
+from optimizer.verify import top1  # noqa: E402
 from passes import PassContext  # noqa: E402
 from passes.cleanup import cleanup_model  # noqa: E402
 from passes.quantize import Quantize  # noqa: E402
@@ -54,16 +56,11 @@ def ort_static(float_path: Path, out_path: Path, calibration: np.ndarray) -> onn
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, threads=1)
 
 
 def accuracy(sess: ort.InferenceSession, images: np.ndarray, labels: np.ndarray) -> float:
-    logits = sess.run(None, {"input": images})[0]
-    return float(np.mean(logits.argmax(1) == labels))
+    return top1(sess.run(None, {"input": images})[0], labels)
 
 
 def latencies(sessions: dict[str, ort.InferenceSession], feed: dict, rounds: int, iterations: int) -> dict:

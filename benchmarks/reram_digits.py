@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtimes  # noqa: E402
+from optimizer.ort_session import ort_session  # noqa: E402
 from optimizer.pipeline import optimize  # noqa: E402
+from optimizer.verify import top1  # noqa: E402
 from samples.digits.digits_cnn import build  # noqa: E402
 
 ROWS = [("onnxruntime", None), ("reram 8-bit ADC, fast path", {}), ("reram 8-bit ADC, all bit-serial",
@@ -36,10 +37,10 @@ def measure(model: onnx.ModelProto, evaluation: dict, calibration: dict, options
     """(seconds for one pass over the test split, top-1)."""
     x, labels = evaluation["input"], evaluation["labels"]
     if options is None:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort_session(model)
         start = time.perf_counter()
         logits = session.run(None, {"input": x})[0]
-        return time.perf_counter() - start, float(np.mean(logits.argmax(1) == labels))
+        return time.perf_counter() - start, top1(logits, labels)
     session = runtimes.load("reram", model, calibration=calibration, **options)
     start = time.perf_counter()
     accuracy = session.evaluate(evaluation)["accuracy"]

@@ -15,18 +15,19 @@ also expose the tensors asked for. The activation-prune pass reuses it to calibr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from optimizer import keys
 from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
-from optimizer.errors import RuntimeFailure, UsageError
-from optimizer.model import metadata_value
+from optimizer.errors import UsageError
+from optimizer.model import FLOAT_TYPES, metadata_value
+from optimizer.ort_session import ort_session, run_outputs
 
-ACTIVATION_MASKS_KEY = "sculpt.activation_masks"  # written by the activation-prune pass: [{"tensor": ...}, ...]
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+ACTIVATION_MASKS_KEY = keys.ACTIVATION_MASKS  # written by the activation-prune pass: [{"tensor": ...}, ...]
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -45,6 +46,14 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred value_info, for element types the file does not record (the model when that fails)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises several unrelated types here
+        return model
+
+
 class ProbeSession:
     """An onnxruntime session that also returns the intermediate tensors `probes`.
 
@@ -53,28 +62,21 @@ class ProbeSession:
     """
 
     def __init__(self, model: onnx.ModelProto, probes: Iterable[str], *, threads: int | None = 1):
+        probes = list(dict.fromkeys(probes))
         types = tensor_types(model)
+        if any(name not in types for name in probes):
+            types = {**tensor_types(_inferred(model)), **types}
         probed = onnx.ModelProto()
         probed.CopyFrom(model)
         present = {o.name for o in probed.graph.output}
-        for name in dict.fromkeys(probes):
+        for name in probes:
             if name in present:
                 continue
             if name not in types:
                 raise UsageError(f"cannot observe tensor {name!r}: its element type is not known after shape inference")
             probed.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
             present.add(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self._session = ort.InferenceSession(
-                probed.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # onnxruntime has no common base exception type
-            raise RuntimeFailure(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+        self._session = ort_session(probed, threads)
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.batch = fixed_batch(graph_inputs(model))
@@ -87,11 +89,14 @@ class ProbeSession:
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise UsageError(f"no data for model input {missing[0]!r}; inputs given: {', '.join(feeds) or '(none)'}")
-        try:
-            outputs = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
-        except Exception as e:
-            raise RuntimeFailure(f"onnxruntime failed to run the model: {_first_line(e)}") from e
-        return dict(zip(self.output_names, outputs, strict=True))
+        return run_outputs(self._session, {name: feeds[name] for name in self.input_names}, self.output_names)
+
+
+def wta_k(keep: float, units: int) -> int:
+    """Winners per sample for a kept fraction: ceil(keep * units), at least 1 (the pass and the torch module share
+    it). wta_k(0.25, 10) == 3."""
+    units = int(units)  # a traced shape entry may arrive as a tensor
+    return min(units, max(1, math.ceil(round(keep * units, 9))))
 
 
 def activation_stats(
@@ -115,7 +120,7 @@ def activation_stats(
     unknown = [name for name in wanted if name not in producers]
     if unknown:
         raise UsageError(f"tensor {unknown[0]!r} is not produced by any node of the model")
-    observable = [name for name in wanted if types.get(name) in _FLOAT_TYPES]
+    observable = [name for name in wanted if types.get(name) in FLOAT_TYPES]
     values = ProbeSession(model, observable).run(feeds) if observable else {}
     rows = []
     for name in wanted:
@@ -149,10 +154,6 @@ def describe_values(values: np.ndarray) -> dict:
         "max": float(flat.max()),
     }
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def zero_skip_macs(

@@ -1,6 +1,12 @@
 """User-facing error types. The CLI prints `str(error)` and exits with `error.exit_code`."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class SculptError(Exception):
     """A failure the user can act on (exit code 1): a pass failed, verification failed, a runtime failed."""
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference, version_converter
 
-from optimizer.errors import ModelError, UsageError
+from optimizer.errors import ModelError, UsageError, first_line
 
 MIN_OPSET = 13
 # protobuf refuses to serialize a single message over 2 GiB; larger models keep their tensors as external data.
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})  # element types that hold weights (params) and activations
 
 
 def load_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> onnx.ModelProto:
@@ -37,7 +39,7 @@ def read_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> tu
         if external:
             onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:  # protobuf raises DecodeError, onnx raises ValueError/FileNotFoundError for external data
-        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
     check_model(model, str(path))
@@ -82,21 +84,17 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
         else:
             onnx.checker.check_model(model, full_check=full)
     except onnx.checker.ValidationError as e:
-        raise ModelError(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
+        raise ModelError(f"{where}: fails the ONNX checker: {first_line(e)}") from e
     except shape_inference.InferenceError as e:
-        raise ModelError(f"{where}: fails shape inference: {_first_line(e)}") from e
+        raise ModelError(f"{where}: fails shape inference: {first_line(e)}") from e
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
     try:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
     except (shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        raise ModelError(f"shape inference failed: {_first_line(e)}") from e
+        raise ModelError(f"shape inference failed: {first_line(e)}") from e
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:

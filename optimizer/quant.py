@@ -19,8 +19,10 @@ from typing import Literal
 
 import numpy as np
 
+from optimizer import keys
+
 # metadata_props key of a quantized model: per integer weight its bits and scale (schema in passes/quantize.py)
-QUANT_METADATA_KEY = "sculpt.quant"
+QUANT_METADATA_KEY = keys.QUANT
 SignMode = Literal["differential", "offset"]
 
 
@@ -390,6 +392,87 @@ def weight_grid(
         codes = quantize_symmetric(w, bits, scale.reshape(shape) if axis is not None else scale[0])
     restored = codes * (scale.reshape(shape) if axis is not None else scale[0])
     return WeightGrid(codes.astype(np.int8), scale.astype(np.float32), axis, fl, relative_error(w, restored))
+
+
+# --- Sign-magnitude DFP: the bit-slice L1 authors' format (methods.md §4) -------------------------------------------
+#
+# Scale exponent s = ceil(log2 max|w|) per tensor (or per channel), step 2^(s - m) for an m-bit magnitude, codes
+# q = round(w / step) with |q| <= 2^m: sign plus magnitude, the magnitude cut into m / c cells of c bits on the
+# positive or negative crossbar array. Training (the authors' FIX_AUTO forward) lets |q| reach 2^m, where |w|
+# lies within half a step of 2^s; that value needs an (m + 1)-th bit, so deployment saturates it at 2^m - 1.
+# Toy example, m = 8, w = [0.3, -0.1, 0.5]: s = ceil(log2 0.5) = -1, step 2^-9, q = [154, -51, 256] in training,
+# [154, -51, 255] deployed.
+
+MAGNITUDE_EPS = 1e-5  # the authors' floor on max|w| before the log (nics_fix_pt RANGE_MAX)
+
+
+def magnitude_exponent(max_abs: float | np.ndarray) -> int | np.ndarray:
+    """s = ceil(log2(max(max_abs, 1e-5))) elementwise: the authors' scale exponent (|w| <= 2^s)."""
+    m = np.maximum(np.asarray(max_abs, dtype=np.float64), MAGNITUDE_EPS)
+    s = np.ceil(np.log2(m)).astype(np.int64)
+    return int(s) if s.ndim == 0 else s
+
+
+def magnitude_frac_length(exponent: int | np.ndarray, magnitude_bits: int) -> int | np.ndarray:
+    """fl with step 2^-fl = 2^(s - magnitude_bits), the DequantizeLinear scale of a sign-magnitude weight."""
+    fl = magnitude_bits - np.asarray(exponent, dtype=np.int64)
+    return int(fl) if fl.ndim == 0 else fl
+
+
+def quantize_magnitude(
+    x: np.ndarray, magnitude_bits: int, exponent: int | np.ndarray, *, deploy: bool = True
+) -> np.ndarray:
+    """Sign-magnitude codes round(x / 2^(s - m)) (half to even, like torch.round), clipped to ±(2^m - 1) when
+    deployed or to the authors' training range ±2^m. `exponent` broadcasts against x."""
+    fl = magnitude_frac_length(exponent, magnitude_bits)
+    limit = (1 << magnitude_bits) - (1 if deploy else 0)
+    q = np.rint(np.asarray(x, dtype=np.float64) * np.exp2(fl))
+    return np.clip(q, -limit, limit).astype(np.int64)
+
+
+def magnitude_digits(codes: np.ndarray, magnitude_bits: int, cell_bits: int) -> np.ndarray:
+    """The authors' slices of |q|, least significant first, shape (S, *codes.shape), S = ceil(m / c).
+
+    Each slice is floor((|q| - higher slices) / 2^(c·k)); the top slice is not masked, so the training edge
+    |q| = 2^m gives a top digit of 2^(m - c·(S-1)) (4 for m = 8, c = 2), as in their code.
+    """
+    x = np.abs(np.asarray(codes, dtype=np.int64))
+    count = num_slices(magnitude_bits, cell_bits)
+    digits = np.zeros((count, *x.shape), dtype=np.int64)
+    rest = x.copy()
+    for k in range(count - 1, -1, -1):
+        digits[k] = rest >> (cell_bits * k)
+        rest -= digits[k] << (cell_bits * k)
+    return digits
+
+
+def magnitude_grid(w: np.ndarray, magnitude_bits: int, *, axis: int | None = None, method: str = "max",
+                   percentile: float = 99.99) -> WeightGrid:
+    """Deployed sign-magnitude codes (int16 container) of a weight, per tensor or per channel along `axis`.
+
+    The range is max|w| (the authors' rule), a percentile of |w|, or, for "mse", the exponent among
+    s_max, s_max - 1, ..., s_max - MSE_EXTRA_FRAC_BITS with the least squared error.
+    Example: w = [[0.3, -0.1], [0.5, 0.02]], m = 8, per tensor -> s = -1, fl = 9, codes [[154, -51], [255, 10]].
+    """
+    w = np.asarray(w, dtype=np.float64)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    top = np.atleast_1d(abs_range(w, axis=axis, method="max" if method == "mse" else method, percentile=percentile))
+    exponent = np.atleast_1d(magnitude_exponent(top))
+    candidates = [exponent - e for e in range(MSE_EXTRA_FRAC_BITS + 1)] if method == "mse" else [exponent]
+    best, chosen = np.full(exponent.shape, np.inf), exponent
+    for candidate in candidates:
+        fitted = candidate.reshape(shape) if axis is not None else int(candidate[0])
+        restored = quantize_magnitude(w, magnitude_bits, fitted) * np.exp2(-magnitude_frac_length(fitted,
+                                                                                                   magnitude_bits))
+        err = _mse_per_channel(w, restored, axis)
+        chosen, best = np.where(err < best, candidate, chosen), np.minimum(err, best)
+    fl = np.atleast_1d(magnitude_frac_length(chosen, magnitude_bits))
+    codes = quantize_magnitude(w, magnitude_bits, chosen.reshape(shape) if axis is not None else int(chosen[0]))
+    scale = np.exp2(-fl.astype(np.float64))
+    restored = codes * (scale.reshape(shape) if axis is not None else scale[0])
+    return WeightGrid(codes.astype(np.int16), scale.astype(np.float32), axis, fl, relative_error(w, restored))
 
 
 # --- Bit-slice statistics on a crossbar-ordered weight matrix ------------------------------------------------------

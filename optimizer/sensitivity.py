@@ -14,7 +14,7 @@ import onnx
 
 from optimizer.data import split_labels
 from optimizer.errors import UsageError
-from optimizer.verify import compare, run_ort
+from optimizer.verify import compare, run_ort, top1
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -33,8 +33,7 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 def _metric(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None) -> float:
     if labels is None:
         return compare(reference, outputs)["cosine"]
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+    return top1(next(iter(outputs.values())), labels)
 
 
 def sensitivity(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], *,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from optimizer.data import split_labels
+from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs, split_labels
+from optimizer.ort_session import ort_session, run_outputs
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    from runtimes import ort
-
-    return ort.load(model, threads=threads).run(feeds)
+    """The model's outputs (name -> array, in output order) on ONNX Runtime's CPU provider; more samples than a
+    fixed batch are fed in chunks (optimizer.data.feed_in_chunks)."""
+    session = ort_session(model, threads)
+    return feed_in_chunks(lambda part: run_outputs(session, part), feeds, fixed_batch(graph_inputs(model)))
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
@@ -44,16 +46,18 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "cosine": cosine, "top1_agreement": agreement}
 
 
-def top1_accuracy(model: onnx.ModelProto, evaluation: dict[str, np.ndarray], runtime: str = "ort") -> float:
-    """Fraction of samples whose argmax over the first output's last axis equals `labels`."""
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows of `logits` ([N, classes], or [N, ...] flattened per sample) whose argmax is the label.
+
+        top1(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]))   # 0.5
+    """
+    labels = np.asarray(labels).reshape(-1)
+    return float(np.mean(np.asarray(logits).reshape(len(labels), -1).argmax(-1) == labels))
+
+
+def top1_accuracy(model: onnx.ModelProto, evaluation: dict[str, np.ndarray]) -> float:
+    """Top-1 of the model's first output on ONNX Runtime against the evaluation data's `labels`."""
     feeds, labels = split_labels(evaluation)
     if labels is None:
         raise ValueError("evaluation data has no 'labels' array")
-    if runtime == "ort":
-        outputs = run_ort(model, feeds)
-    else:
-        import runtimes
-
-        outputs = runtimes.load(runtime, model).run(feeds)
-    logits = next(iter(outputs.values()))
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+    return top1(next(iter(run_ort(model, feeds).values())), labels)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from optimizer.activation_stats import ProbeSession
+from optimizer.verify import top1
 
 NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -137,9 +138,6 @@ def global_shares(sorted_keys: dict[str, np.ndarray], sparsity: float) -> dict[s
         name: float(np.searchsorted(keys, cut, side="right") / max(keys.size, 1)) for name, keys in sorted_keys.items()
     }
 
-
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels))
 
 
 def limit_accuracy_drop(calibrator: Calibrator, evaluation, labels, options, ctx) -> tuple[dict, float, list]:

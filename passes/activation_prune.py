@@ -50,13 +50,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, zero_skip_macs
+from optimizer.activation_stats import ACTIVATION_MASKS_KEY, ProbeSession, wta_k, zero_skip_macs
 from optimizer.data import graph_inputs, random_inputs
 from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import default_opset, metadata_value, set_metadata
+from optimizer.verify import top1
 from passes import Pass, PassContext, PassResult, option, register
-from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop, top1
+from passes.activation_calibration import NP_TYPES, Calibrator, limit_accuracy_drop
 from passes.base import compile_regex
 
 RELU_FAMILY = {
@@ -71,12 +72,6 @@ COMPUTE = {"Conv", "Gemm", "MatMul"}
 MIN_OPSET = 13
 METADATA_KEY = ACTIVATION_MASKS_KEY
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def wta_k(keep: float, units: int) -> int:
-    """Winners per sample for a kept fraction: ceil(keep * units), at least 1 (shared with the torch module)."""
-    units = int(units)  # a traced shape entry may arrive as a tensor
-    return min(units, max(1, math.ceil(round(keep * units, 9))))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`bit-slice`: decompose every quantized weight into crossbar cell slices and plan the ADC resolution per slice.
 
 The graph is not changed (the contract is exact: outputs stay bit-identical). The pass reads each crossbar
-weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ), or the
+weight's integer codes — a DequantizeLinear of an integer initializer feeding Conv/Gemm/MatMul (QDQ; int16 holds
+the sign + 8-bit magnitude of `quantize:magnitude_bits=8`, sliced as 9 signed bits: four full 2-bit cells), or the
 weight operand of QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger — subtracts the zero point, lays the
 codes out as crossbar matrices and splits them with `optimizer.quant.split_slices`.
 
@@ -53,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer import quant
+from optimizer import keys, quant
 from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
@@ -61,7 +62,7 @@ from optimizer.plots import slice_sparsity_png
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.qdq import METADATA_KEY as QUANT_METADATA_KEY
 
-METADATA_KEY = "sculpt.bitslice"
+METADATA_KEY = keys.BITSLICE
 CELL_BITS = range(1, 5)
 INPUT_BITS = range(1, 9)
 MAX_WEIGHT_BITS = 16

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer import keys
 from optimizer.activation_stats import ProbeSession
 from optimizer.data import random_inputs
 from optimizer.errors import PassError, UsageError
@@ -38,7 +39,7 @@ from passes.base import compile_regex
 from passes.graph.ir import GraphView
 from passes.graph.residual import ResidualBlock, find_residual_blocks, node_label
 
-METADATA_KEY = "sculpt.depth"
+METADATA_KEY = keys.DEPTH
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 

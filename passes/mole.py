@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from optimizer import keys
 from optimizer.data import graph_inputs
 from optimizer.errors import PassError, UsageError
 from optimizer.model import metadata_value, set_metadata
@@ -45,7 +46,7 @@ from optimizer.report import model_stats
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.graph.edit import GraphEdit
 
-METADATA_KEY = "sculpt.mole"
+METADATA_KEY = keys.MOLE
 _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}
 
 

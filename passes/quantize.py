@@ -12,6 +12,15 @@ zero point 0, scale 2^-fl; affine activations are uint8 with a zero point. A 1-D
 s_x · s_w (2^-(fl_x + fl_w) for dfp). Together that is the standard QDQ form ONNX Runtime fuses into
 QLinearConv / QGemm. The graph surgery lives in passes/graph/qdq.py, the numbers in optimizer/quant.py.
 
+`magnitude_bits=8` writes the bit-slice L1 authors' weight format instead (methods.md §4): sign plus an 8-bit
+magnitude, scale 2^(s-8) with s = ceil(log2 max|w|) (per tensor or channel; a magnitude of 256 at |w| = 2^s is
+saturated to 255 so that it fits four 2-bit cells). The codes, ±255, need 9 bits. They are stored as an **int16**
+initializer -> DequantizeLinear (opset 21, the first to accept int16; the model is converted), not as a pair of
+uint8 magnitudes w+, w- joined by Sub: one standard QDQ weight that ONNX Runtime, `bit-slice` and the reram
+runtime read like any other integer weight, the same 2 bytes per weight as the pair, and the positive/negative
+crossbar split stays where it belongs, in the runtime (runtimes/reram splits w+ and w- itself). Activations and
+biases are as above. Metadata "bits" is then 9 (magnitude + sign) and "format" "sign-magnitude".
+
 Toy example, one Conv with W in [-0.3, 0.6], 8 bits, dfp, per tensor, input x in [0, 1]:
   W: fl = 7 (0.6 · 2^7 = 76.8 ≤ 127), W_q = round(W · 128) int8, DequantizeLinear(W_q, 2^-7, 0)
   x: unsigned, fl = 7 (1 · 2^8 = 256 > 255), QuantizeLinear(x, 2^-7, uint8 0) → DequantizeLinear
@@ -19,7 +28,8 @@ Toy example, one Conv with W in [-0.3, 0.6], 8 bits, dfp, per tensor, input x in
 
 The model's metadata_props gets "sculpt.quant" (JSON), read by `bit-slice` and the reram runtime:
   {"version": 1, "scale": "dfp"|"affine", "granularity": "tensor"|"channel", "activation_bits": 8,
-   "weights": {INT8_INITIALIZER: {"node", "float_weight", "bits", "axis" (int|null), "frac_length" (int|[int]|null)}},
+   "weights": {INT_INITIALIZER: {"node", "float_weight", "bits", "axis" (int|null), "format" ("sign-magnitude" only),
+                                 "frac_length" (int|[int]|null)}},
    "activations": {TENSOR: {"dtype": "uint8"|"int8", "scale", "zero_point", "frac_length" (int|null)}}}
 """
 
@@ -34,12 +44,15 @@ from onnx import TensorProto, numpy_helper
 
 from optimizer import quant
 from optimizer.errors import UsageError
+from optimizer.verify import top1
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.graph.qdq import METADATA_KEY, QdqPlan, Site, find_sites, input_tensors, insert_qdq, output_tensors, plain
 
 ACTIVATION_BITS = 8
 WEIGHT_BITS = range(4, 9)
+MAGNITUDE_BITS = range(2, 15)  # sign-magnitude codes live in int16
+INT16_OPSET = 21  # the first opset whose DequantizeLinear takes int16
 # Calibration keeps every exact min/max, but at most this many values per tensor for percentile / MSE searches.
 SAMPLE_CAP = 1 << 20
 CALIBRATION_BATCH = 64
@@ -66,6 +79,10 @@ class Quantize(Pass):
         percentile: float = option(99.99, "percentile of |x| used by weight_range/calibrate=percentile")
         outputs: bool = option(True, "also quantize layer outputs (after ReLU) so ONNX Runtime fuses every layer")
         exclude: str | None = option(None, "regular expression of node names to leave in float")
+        magnitude_bits: int | None = option(
+            None, "sign-magnitude weights with this many magnitude bits and the bit-slice L1 authors' scale "
+                  "2^(ceil(log2 max|w|) - magnitude_bits), as int16 codes (opset 21); 8 is their format; "
+                  "default: `bits`-bit symmetric int8")
 
     def validate(self) -> None:
         o = self.options
@@ -74,6 +91,19 @@ class Quantize(Pass):
         if not 50.0 < o.percentile <= 100.0:
             raise UsageError(f"pass quantize: option percentile={o.percentile} must be in (50, 100]")
         compile_regex(self.name, "exclude", o.exclude)
+        if o.magnitude_bits is not None:
+            if o.magnitude_bits not in MAGNITUDE_BITS:
+                raise UsageError(f"pass quantize: option magnitude_bits={o.magnitude_bits} is not supported; "
+                                 "use 2 to 14")
+            if o.scale != "dfp":
+                raise UsageError("pass quantize: option magnitude_bits needs scale=dfp (the format's scale is a power "
+                                 f"of two), not scale={o.scale}")
+
+    @property
+    def weight_bits(self) -> int:
+        """Signed bits of the weight codes: `bits`, or magnitude plus sign."""
+        o = self.options
+        return o.bits if o.magnitude_bits is None else o.magnitude_bits + 1
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from optimizer.model import upgrade_opset
@@ -81,6 +111,8 @@ class Quantize(Pass):
         original = model
         model = onnx.ModelProto()
         model.CopyFrom(upgrade_opset(original, "quantize input"))
+        if self.options.magnitude_bits is not None:
+            model = _opset_for_int16(model)
         sites, declines = find_sites(model, compile_regex(self.name, "exclude", self.options.exclude))
         _warn_unfolded_batchnorm(model, sites, ctx)
         feeds = self._calibration_feeds(model, ctx)
@@ -95,7 +127,8 @@ class Quantize(Pass):
                 weights[site.node.input[site.weight_input]] = self._weight_grid(model, site)
         ctx.report_progress("quantize: rewriting the graph", 0.8)
         o = self.options
-        plan = QdqPlan(sites, weights, activations, outputs, o.bits, o.scale, o.granularity)
+        plan = QdqPlan(sites, weights, activations, outputs, self.weight_bits, o.scale, o.granularity,
+                       "int" if o.magnitude_bits is None else "sign-magnitude")
         metadata, float_biases = insert_qdq(model, plan)
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
@@ -135,6 +168,8 @@ class Quantize(Pass):
         name = site.node.input[site.weight_input]
         w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
         axis = site.channel_axis if o.granularity == "channel" else None
+        if o.magnitude_bits is not None:
+            return quant.magnitude_grid(w, o.magnitude_bits, axis=axis, method=o.weight_range, percentile=o.percentile)
         return quant.weight_grid(w, o.bits, o.scale, axis=axis, method=o.weight_range, percentile=o.percentile)
 
     def _report(self, plan: QdqPlan, declines: list, metadata: dict) -> dict:
@@ -149,7 +184,7 @@ class Quantize(Pass):
                 params = weights[weight]
                 row |= {
                     "weight": weight,
-                    "bits": o.bits,
+                    "bits": self.weight_bits,
                     "scale": _summarize(params.scale.astype(np.float64)),
                     "weight_error": round(params.error, 6),
                 }
@@ -169,7 +204,9 @@ class Quantize(Pass):
         return {
             "scale": o.scale,
             "granularity": o.granularity,
-            "bits": o.bits,
+            "bits": self.weight_bits,
+            "weight_format": "int" if o.magnitude_bits is None else "sign-magnitude",
+            "magnitude_bits": o.magnitude_bits,
             "activation_bits": ACTIVATION_BITS,
             "layers": layers,
             "declined": [d.as_report() for d in declines],
@@ -177,6 +214,22 @@ class Quantize(Pass):
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),
         }
+
+
+def _opset_for_int16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    from optimizer.errors import ModelError
+    from optimizer.model import default_opset
+
+    if default_opset(model) >= INT16_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, INT16_OPSET)
+    except Exception as e:  # the converter raises plain RuntimeError/ValueError for unsupported adapters
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"pass quantize: magnitude_bits needs opset {INT16_OPSET} (int16 DequantizeLinear) and the "
+                         f"model (opset {default_opset(model)}) could not be converted: {first_line}") from e
 
 
 def _warn_unfolded_batchnorm(model: onnx.ModelProto, sites: list[Site], ctx: PassContext) -> None:
@@ -275,7 +328,6 @@ def _accuracies(original: onnx.ModelProto, quantized: onnx.ModelProto, evaluatio
     feeds, labels = split_labels(evaluation)
     scores = {}
     for key, model in (("float", original), ("quantized", quantized)):
-        logits = next(iter(_run(model, feeds).values()))
-        scores[key] = float(np.mean(logits.reshape(len(labels), -1).argmax(-1) == labels.reshape(-1)))
+        scores[key] = top1(next(iter(_run(model, feeds).values())), labels)
     scores["delta_pt"] = round(100.0 * (scores["quantized"] - scores["float"]), 3)
     return scores

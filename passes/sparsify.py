@@ -29,13 +29,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer import keys
 from optimizer.declines import Decline
 from optimizer.errors import PassError, UsageError
 from optimizer.model import set_metadata
 from passes import Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 
-METADATA_KEY = "sculpt.sparsify"
+METADATA_KEY = keys.SPARSIFY
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 

@@ -18,6 +18,7 @@ import onnx
 
 from optimizer.errors import UsageError
 from optimizer.io_json import to_json
+from optimizer.model import FLOAT_TYPES
 from optimizer.report import model_stats
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
@@ -43,8 +44,7 @@ DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements in floating-point initializers (weights and biases)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats)
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
 
 
 def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:

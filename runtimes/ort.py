@@ -7,23 +7,14 @@ import onnx
 import onnxruntime as ort
 
 from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import UsageError
+from optimizer.ort_session import ort_session, run_outputs
 
 
 class OrtSession:
     def __init__(self, model: onnx.ModelProto, threads: int | None = None):
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         self.threads = threads
-        try:
-            self._session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # onnxruntime raises its own exception types for every load failure
-            raise RuntimeFailure(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+        self._session = ort_session(model, threads)
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.batch = fixed_batch(graph_inputs(model))
 
@@ -32,19 +23,10 @@ class OrtSession:
         return feed_in_chunks(self._run_once, feeds, self.batch)
 
     def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            outputs = self._session.run(self.output_names, feeds)
-        except Exception as e:
-            raise RuntimeFailure(f"onnxruntime failed to run the model: {_first_line(e)}") from e
-        return dict(zip(self.output_names, outputs, strict=True))
+        return run_outputs(self._session, feeds, self.output_names)
 
     def describe(self) -> dict:
         return {"provider": "CPUExecutionProvider", "version": ort.__version__, "threads": self.threads}
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load(model: onnx.ModelProto, threads: int | None = None, **options) -> OrtSession:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from passes.activation_prune import wta_k
+from optimizer.activation_stats import wta_k
 
 
 class WTADropout(nn.Module):

@@ -9,7 +9,9 @@ metadata_props written:
   sculpt.<key>          anything passed in `metadata` (strings as they are, other values as JSON)
 
 Initializer names are the torch parameter names (BatchNorm is exported as a node, not folded, so its γ/β keep
-their names); a QAT weight becomes the int8 initializer "<param>_quantized" read by a DequantizeLinear.
+their names); a QAT weight becomes the int8 initializer "<param>_quantized" read by a DequantizeLinear. A QAT model
+in the bit-slice L1 authors' format (prepare_qat(magnitude_bits=8)) gets int16 codes in ±255 instead (sign plus
+8-bit magnitude; why int16: passes/quantize.py) and opset 21, the first with int16 DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import onnx
 import torch
 from torch import nn
 
-from optimizer import quant
+from optimizer import keys, quant
 from optimizer.errors import ModelError, UsageError
 from optimizer.model import save_model, set_metadata
 from optimizer.quant import QUANT_METADATA_KEY
@@ -36,6 +38,7 @@ from optimizer.training.quantization import export_mode
 from optimizer.training.regularizers import SparsityRegularizer
 
 OPSET = 17
+INT16_OPSET = 21  # DequantizeLinear takes int16 from opset 21
 
 
 def export(
@@ -79,6 +82,7 @@ def export(
     finally:
         module.train(was_training)
     proto = _fold_exported(onnx.load_from_string(buffer.getvalue()), quantization)
+    proto = _dequantize_magnitude_weights(proto, quantization)
     _write_metadata(proto, _sculpt_metadata(proto, regularizer, quantization, metadata))
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -99,8 +103,8 @@ def _sculpt_metadata(
     initializers = {t.name for t in proto.graph.initializer}
     if regularizer is not None:
         description = regularizer.describe()
-        out["sculpt.regularizer"] = json.dumps(description["terms"])
-        out["sculpt.groups"] = json.dumps(_onnx_names(description["layers"], initializers))
+        out[keys.REGULARIZER] = json.dumps(description["terms"])
+        out[keys.GROUPS] = json.dumps(_onnx_names(description["layers"], initializers))
     if quantization:
         out[QUANT_METADATA_KEY] = json.dumps(_quant_metadata(quantization, initializers))
     for key, value in (extra or {}).items():
@@ -123,6 +127,8 @@ def _quant_metadata(quantization: dict, initializers: set[str]) -> dict:
                 "axis": 0 if info["weight_granularity"] == "channel" else None,
                 "frac_length": info["weight_frac_length"],
                 **{k: v for k, v in info.items() if k.startswith(("input_", "bias_"))},
+                **({"format": "sign-magnitude", "magnitude_bits": info["magnitude_bits"],
+                    "saturated": info["weight_saturated"]} if "magnitude_bits" in info else {}),
                 "granularity": info["weight_granularity"],
             }
     return {"version": 1, "scale": "dfp", "source": "qat", "weights": weights}
@@ -221,6 +227,40 @@ def _quantize_biases(edit, quantization: dict) -> None:
         edit.replace_uses(tensors[name], dequantized)
         edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/bias_DequantizeLinear",
                       attrs={"axis": 0} if per_channel else None)
+
+
+def _dequantize_magnitude_weights(proto: onnx.ModelProto, quantization: dict) -> onnx.ModelProto:
+    """A sign-magnitude layer's weight (already on its deployed grid, see quantization.export_mode) -> int16 codes
+    "<layer>.weight_quantized" -> DequantizeLinear with scale 2^(s-m); the model moves to opset 21 first."""
+    layers = {layer: info for layer, info in quantization.items() if "magnitude_bits" in info}
+    if not layers:
+        return proto
+    from onnx import version_converter
+
+    from passes.graph.edit import GraphEdit
+
+    edit = GraphEdit(version_converter.convert_version(proto, INT16_OPSET))
+    tensors = edit.graph.tensors()
+    for layer, info in layers.items():
+        name = f"{layer}.weight"
+        weight = _constant(tensors.get(name))
+        if weight is None:
+            raise ModelError(f"layer {layer}: its weight {name} is not an initializer of the exported model")
+        fl = np.asarray(info["weight_frac_length"], dtype=np.int64)
+        per_channel = fl.ndim == 1
+        codes = np.rint(weight.astype(np.float64) * np.exp2(fl.reshape(-1, *[1] * (weight.ndim - 1)) if per_channel
+                                                            else fl))
+        if np.abs(codes).max(initial=0) >= 1 << info["magnitude_bits"]:
+            raise ModelError(f"layer {layer}: a weight code exceeds the {info['magnitude_bits']}-bit magnitude")
+        scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
+        inputs = [edit.add_initializer(codes.astype(np.int16), f"{name}_quantized"),
+                  edit.add_initializer(scale, f"{name}_scale"),
+                  edit.add_initializer(np.zeros(scale.shape, np.int16), f"{name}_zero_point")]
+        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
+        edit.replace_uses(tensors[name], dequantized)
+        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/weight_DequantizeLinear",
+                      attrs={"axis": 0} if per_channel else None)
+    return edit.to_model()
 
 
 class _CallableModule(types.ModuleType):

@@ -8,6 +8,10 @@ integer products and sums are exact in float32 in torch and in ONNX Runtime alik
 The forward value is computed by optimizer.quant on the detached tensor; the gradient passes straight through
 inside the range and is zero where the value saturates.
 
+`prepare_qat(model, magnitude_bits=8)` uses the bit-slice L1 authors' weight format instead
+(MagnitudeWeightQuantizer: sign plus an 8-bit magnitude, scale exponent s = ceil(log2 max|w|), step 2^(s-8));
+its export holds int16 codes (see export.py).
+
 `prepare_qat(model)` swaps Linear/Conv1d/Conv2d for QuantLinear/QuantConv1d/QuantConv2d sharing their
 parameters; `optimizer.training.export` writes the QDQ form the `quantize` pass writes: int8 weight and int32
 bias initializers -> DequantizeLinear, and QuantizeLinear -> DequantizeLinear on every layer input.
@@ -80,6 +84,59 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, granularity={self.granularity}"
 
 
+class MagnitudeWeightQuantizer(nn.Module):
+    """The bit-slice L1 authors' weights (nics_fix_pt FIX_AUTO, methods.md §4): sign plus a `magnitude_bits`-bit
+    magnitude, exponent s = ceil(log2 max|w|) from the current weights (per tensor, or per output channel),
+    value clamp(round(w / 2^(s-m)) · 2^(s-m), -2^s, 2^s) with a straight-through round.
+
+    Training keeps their edge value 2^s (code 2^m, which needs an extra bit); the deployed grid
+    (`deployed(w)`, what export writes as int16 codes) saturates it at 2^m - 1 so that every magnitude fits
+    m / cell_bits crossbar cells. Only weights within half a step of 2^s differ. `bits` is the signed width
+    of the deployed codes, m + 1, the width the `bit-slice` pass and the reram runtime slice them as.
+    """
+
+    def __init__(self, magnitude_bits: int = 8, granularity: Granularity = "tensor"):
+        super().__init__()
+        if not 2 <= magnitude_bits <= 14:
+            raise UsageError(f"magnitude_bits={magnitude_bits}: sign-magnitude weights export as int16, use 2..14")
+        if granularity not in ("tensor", "channel"):
+            raise UsageError(f"granularity={granularity!r}: use 'tensor' or 'channel'")
+        self.magnitude_bits, self.granularity = magnitude_bits, granularity
+        self.bits = magnitude_bits + 1
+
+    def exponent(self, w: torch.Tensor) -> int | np.ndarray:
+        magnitude = w.detach().abs()
+        if self.granularity == "tensor":
+            return quant.magnitude_exponent(float(magnitude.max()))
+        per_channel = magnitude.flatten(1).max(1).values.double().cpu().numpy()
+        return quant.magnitude_exponent(per_channel).reshape(-1, *[1] * (w.ndim - 1))
+
+    def frac_length(self, w: torch.Tensor) -> int | np.ndarray:
+        return quant.magnitude_frac_length(self.exponent(w), self.magnitude_bits)
+
+    def codes(self, w: torch.Tensor, deploy: bool = True) -> np.ndarray:
+        return quant.quantize_magnitude(w.detach().cpu().double().numpy(), self.magnitude_bits, self.exponent(w),
+                                        deploy=deploy)
+
+    def deployed(self, w: torch.Tensor) -> torch.Tensor:
+        values = self.codes(w) * np.exp2(-np.asarray(self.frac_length(w), dtype=np.float64))
+        return torch.as_tensor(values, dtype=w.dtype, device=w.device)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            return w  # export_mode() has put the deployed values in the weight itself
+        fl = np.asarray(self.frac_length(w), dtype=np.float64)
+        up = torch.as_tensor(np.exp2(fl), dtype=w.dtype, device=w.device)
+        down = torch.as_tensor(np.exp2(-fl), dtype=w.dtype, device=w.device)
+        limit = float(1 << self.magnitude_bits)
+        # power-of-two scaling is exact and torch.round rounds half to even like quant.quantize_magnitude
+        values = torch.clamp(torch.round(w.detach() * up), -limit, limit) * down
+        return w + (values - w).detach()
+
+    def extra_repr(self) -> str:
+        return f"magnitude_bits={self.magnitude_bits}, granularity={self.granularity}"
+
+
 class ActivationQuantizer(nn.Module):
     """8-bit DFP activations as QuantizeLinear computes them (optimizer.quant.dfp_activation_roundtrip, the
     `quantize` pass's grid): zero point 0, scale 2^-fl, uint8 (0..255) or int8 (saturating at -128..127).
@@ -140,11 +197,12 @@ class _QuantizedLayer:
     """Mixin: quantized input, weight and bias for a Linear/ConvNd subclass."""
 
     input_quant: ActivationQuantizer
-    weight_quant: WeightQuantizer
+    weight_quant: WeightQuantizer | MagnitudeWeightQuantizer
 
-    def _setup_quantizers(self, weight_bits: int, granularity: Granularity) -> None:
+    def _setup_quantizers(self, weight_bits: int, granularity: Granularity, magnitude_bits: int | None = None) -> None:
         self.input_quant = ActivationQuantizer()
-        self.weight_quant = WeightQuantizer(weight_bits, granularity)
+        self.weight_quant = WeightQuantizer(weight_bits, granularity) if magnitude_bits is None else \
+            MagnitudeWeightQuantizer(magnitude_bits, granularity)
 
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         xq = self.input_quant(x)
@@ -161,7 +219,11 @@ class _QuantizedLayer:
 
     def quantization_info(self) -> dict:
         fl_w = self.weight_quant.frac_length(self.weight)
-        return {
+        magnitude = isinstance(self.weight_quant, MagnitudeWeightQuantizer)
+        extra = {"weight_format": "sign-magnitude", "magnitude_bits": self.weight_quant.magnitude_bits,
+                 "weight_saturated": int(np.count_nonzero(np.abs(self.weight_quant.codes(self.weight, deploy=False))
+                                                          >> self.weight_quant.magnitude_bits))} if magnitude else {}
+        return extra | {
             "weight_bits": self.weight_quant.bits,
             "weight_granularity": self.weight_quant.granularity,
             "weight_frac_length": np.asarray(fl_w).reshape(-1).tolist() if isinstance(fl_w, np.ndarray) else fl_w,
@@ -175,27 +237,27 @@ class _QuantizedLayer:
 
 class QuantLinear(_QuantizedLayer, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, *, weight_bits=8,
-                 granularity: Granularity = "tensor"):
+                 granularity: Granularity = "tensor", magnitude_bits: int | None = None):
         super().__init__(in_features, out_features, bias)
-        self._setup_quantizers(weight_bits, granularity)
+        self._setup_quantizers(weight_bits, granularity, magnitude_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(*self.quantized_operands(x))
 
 
 class QuantConv1d(_QuantizedLayer, nn.Conv1d):
-    def __init__(self, *args, weight_bits=8, granularity: Granularity = "tensor", **kwargs):
+    def __init__(self, *args, weight_bits=8, granularity: Granularity = "tensor", magnitude_bits=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup_quantizers(weight_bits, granularity)
+        self._setup_quantizers(weight_bits, granularity, magnitude_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(*self.quantized_operands(x))
 
 
 class QuantConv2d(_QuantizedLayer, nn.Conv2d):
-    def __init__(self, *args, weight_bits=8, granularity: Granularity = "tensor", **kwargs):
+    def __init__(self, *args, weight_bits=8, granularity: Granularity = "tensor", magnitude_bits=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup_quantizers(weight_bits, granularity)
+        self._setup_quantizers(weight_bits, granularity, magnitude_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(*self.quantized_operands(x))
@@ -204,8 +266,13 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
 _QUANTIZED = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
 
 
-def prepare_qat(model: nn.Module, *, weight_bits: int = 8, granularity: Granularity = "tensor") -> nn.Module:
+def prepare_qat(model: nn.Module, *, weight_bits: int = 8, granularity: Granularity = "tensor",
+                magnitude_bits: int | None = None) -> nn.Module:
     """Replace every Linear/Conv1d/Conv2d (not already quantized) by its quantized twin, in place.
+
+    magnitude_bits=8: the bit-slice L1 authors' weight format (MagnitudeWeightQuantizer) instead of `weight_bits`
+    symmetric DFP. Example: prepare_qat(nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10)),
+    magnitude_bits=8).
 
     The new layers share the original Parameter objects, so an optimizer built before still trains them.
     Run some training batches (train mode) before evaluating or exporting: that calibrates the input ranges.
@@ -215,7 +282,8 @@ def prepare_qat(model: nn.Module, *, weight_bits: int = 8, granularity: Granular
         for child_name, child in parent.named_children():
             twin = _QUANTIZED.get(type(child))
             if twin is not None:
-                replacements.append((parent, child_name, _quantized_twin(twin, child, weight_bits, granularity)))
+                replacements.append((parent, child_name, _quantized_twin(twin, child, weight_bits, granularity,
+                                                                         magnitude_bits)))
     if not replacements:
         raise UsageError(f"prepare_qat: {type(model).__name__} has no Linear/Conv1d/Conv2d layer to quantize")
     for parent, child_name, twin in replacements:
@@ -223,14 +291,14 @@ def prepare_qat(model: nn.Module, *, weight_bits: int = 8, granularity: Granular
     return model
 
 
-def _quantized_twin(cls, layer: nn.Module, weight_bits: int, granularity: Granularity):
+def _quantized_twin(cls, layer: nn.Module, weight_bits: int, granularity: Granularity, magnitude_bits: int | None):
+    formats = {"weight_bits": weight_bits, "granularity": granularity, "magnitude_bits": magnitude_bits}
     if isinstance(layer, nn.Linear):
-        twin = cls(layer.in_features, layer.out_features, layer.bias is not None, weight_bits=weight_bits,
-                   granularity=granularity)
+        twin = cls(layer.in_features, layer.out_features, layer.bias is not None, **formats)
     else:
         twin = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
-                   padding_mode=layer.padding_mode, weight_bits=weight_bits, granularity=granularity)
+                   padding_mode=layer.padding_mode, **formats)
     twin.weight = layer.weight
     twin.bias = layer.bias
     return twin.to(layer.weight.device).train(layer.training)
@@ -243,19 +311,25 @@ def quantized_layers(model: nn.Module) -> dict[str, _QuantizedLayer]:
 @contextmanager
 def export_mode(model: nn.Module):
     """While exporting: biases hold their on-grid values (restored afterwards), so the bias initializer keeps its
-    name and needs no extra node. Yields {layer name: quantization_info()} for the model's metadata."""
+    name and needs no extra node; so do sign-magnitude weights (their deployed grid), which export.py turns into
+    int16 codes. Yields {layer name: quantization_info()} for the model's metadata."""
     layers = quantized_layers(model)
-    saved = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     info = {}
     try:
         with torch.no_grad():
             for name, layer in layers.items():
                 info[name] = layer.quantization_info()
-                if layer.bias is not None:
-                    saved[name] = layer.bias.detach().clone()
-                    layer.bias.copy_(fake_quantize_ste(layer.bias, BIAS_BITS, layer.bias_frac_length()))
+                bias = None if layer.bias is None else fake_quantize_ste(layer.bias, BIAS_BITS,
+                                                                         layer.bias_frac_length())
+                if isinstance(layer.weight_quant, MagnitudeWeightQuantizer):
+                    saved.append((layer.weight, layer.weight.detach().clone()))
+                    layer.weight.copy_(layer.weight_quant.deployed(layer.weight))
+                if bias is not None:
+                    saved.append((layer.bias, layer.bias.detach().clone()))
+                    layer.bias.copy_(bias)
         yield info
     finally:
         with torch.no_grad():
-            for name, bias in saved.items():
-                layers[name].bias.copy_(bias)
+            for parameter, value in saved:
+                parameter.copy_(value)

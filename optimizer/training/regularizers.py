@@ -117,15 +117,25 @@ def group_hoyer_square(
     return torch.where(squares > 0, numerator / safe, torch.zeros_like(squares))
 
 
-def magnitude_slices(w: torch.Tensor | np.ndarray, bits: int = 8, cell_bits: int = 2) -> tuple[np.ndarray, int]:
+def magnitude_slices(
+    w: torch.Tensor | np.ndarray, bits: int = 8, cell_bits: int = 2, *, magnitude_bits: int | None = None
+) -> tuple[np.ndarray, int]:
     """Cell slices of the dynamic fixed-point magnitude |q|, least significant first: shape (S, *w.shape).
 
-    The format is the one the `quantize` and `bit-slice` passes use (optimizer.quant): `bits`-bit signed
-    symmetric codes q with a per-tensor fractional length fl from max|w|, stored as sign plus a (bits-1)-bit
-    magnitude split into S = ceil((bits-1)/cell_bits) slices. The paper's 8-bit magnitude plus sign is bits=9.
-    Returns the slices and fl.
+    Default (magnitude_bits None): the format the `quantize` and `bit-slice` passes use by default
+    (optimizer.quant): `bits`-bit signed symmetric codes q with a per-tensor fractional length fl from max|w|,
+    stored as sign plus a (bits-1)-bit magnitude split into S = ceil((bits-1)/cell_bits) slices.
+    magnitude_bits=m: the bit-slice L1 authors' format (quant.magnitude_digits): scale exponent
+    s = ceil(log2 max|w|), step 2^(s-m), |q| = round(|w| / step) <= 2^m, S = ceil(m / cell_bits) slices; the
+    edge |q| = 2^m puts 2^(m - c(S-1)) in the top slice, as their code does. Returns the slices and fl (the
+    step is 2^-fl).
     """
     values = w.detach().cpu().double().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float64)
+    if magnitude_bits is not None:
+        exponent = quant.magnitude_exponent(np.abs(values).max(initial=0.0))
+        codes = quant.quantize_magnitude(values, magnitude_bits, exponent, deploy=False)
+        return quant.magnitude_digits(codes, magnitude_bits, cell_bits), quant.magnitude_frac_length(
+            exponent, magnitude_bits)
     fl = quant.frac_length(np.abs(values).max(initial=0.0), bits)
     codes = quant.quantize_dfp(values, bits, fl)
     slices, _ = quant.split_slices(codes, bits, cell_bits, "differential")
@@ -133,15 +143,20 @@ def magnitude_slices(w: torch.Tensor | np.ndarray, bits: int = 8, cell_bits: int
     return slices.sum(axis=1), fl
 
 
-def bitslice_l1(w: torch.Tensor, bits: int = 8, cell_bits: int = 2) -> torch.Tensor:
+def bitslice_l1(
+    w: torch.Tensor, bits: int = 8, cell_bits: int = 2, *, magnitude_bits: int | None = None
+) -> torch.Tensor:
     """Σ of all magnitude slice values of the DFP-quantized w (methods.md §4), with the paper's gradient.
 
     Value: the exact slice sum. Gradient (straight-through round and floor, higher slices detached, as in the
     official code): ∂/∂w = sign(w) · 2^fl · Σ_s [slice_s ≠ 0] · 2^(-cell_bits·s), slice 0 being the least
     significant. A slice that is already zero contributes nothing, so this is not a rescaled L1. The scale
-    2^fl is treated as a constant.
+    2^fl is treated as a constant. magnitude_bits=8 is the authors' format (see magnitude_slices):
+
+    >>> bitslice_l1(torch.tensor([0.5, 0.3, -0.1]), magnitude_bits=8)   # |q| = 256, 154, 51
+    tensor(17.)                             # slices MSB..LSB: 4,0,0,0 + 2,1,2,2 + 0,3,0,3
     """
-    slices, fl = magnitude_slices(w, bits, cell_bits)
+    slices, fl = magnitude_slices(w, bits, cell_bits, magnitude_bits=magnitude_bits)
     weights = np.exp2(-cell_bits * np.arange(slices.shape[0], dtype=np.float64))
     factor = np.tensordot(weights, (slices != 0).astype(np.float64), axes=1) * np.exp2(fl)
     surrogate = w.abs() * torch.as_tensor(factor, dtype=w.dtype, device=w.device)
@@ -157,7 +172,7 @@ class Term:
     layers: module types to select (default Linear and Conv1d/2d/3d). name: regex searched in module names.
     groups: group specs for the group kinds (default filter-wise and channel-wise).
     per_weight: divide each layer's value by its number of weights (the bit-slice and L1 papers' scaling).
-    bits, cell_bits: the DFP format of bitslice_l1.
+    bits, cell_bits, magnitude_bits: the DFP format of bitslice_l1 (magnitude_bits=8: the authors' format).
     """
 
     kind: Kind
@@ -168,6 +183,7 @@ class Term:
     per_weight: bool = False
     bits: int = 8
     cell_bits: int = 2
+    magnitude_bits: int | None = None
     selected: tuple[str, ...] = field(default=(), compare=False)
 
     def describe(self) -> dict:
@@ -175,7 +191,7 @@ class Term:
         if self.kind in GROUP_KINDS:
             out["groups"] = [list(g) if isinstance(g, tuple) else g for g in self.groups]
         if self.kind == "bitslice_l1":
-            out.update(bits=self.bits, cell_bits=self.cell_bits)
+            out.update(bits=self.bits, cell_bits=self.cell_bits, magnitude_bits=self.magnitude_bits)
         return out
 
 
@@ -265,6 +281,10 @@ def _check_term(term: Term, layer: Layer) -> None:
     if term.kind == "bitslice_l1" and not (2 <= term.bits <= 16 and 1 <= term.cell_bits < term.bits):
         raise UsageError(f"bitslice_l1: bits={term.bits}, cell_bits={term.cell_bits}; need 2 <= bits <= 16 and "
                          "1 <= cell_bits < bits")
+    if term.kind == "bitslice_l1" and term.magnitude_bits is not None and not 1 <= term.cell_bits <= \
+            term.magnitude_bits <= 15:
+        raise UsageError(f"bitslice_l1: magnitude_bits={term.magnitude_bits}, cell_bits={term.cell_bits}; need "
+                         "1 <= cell_bits <= magnitude_bits <= 15")
 
 
 def _layer_value(term: Term, layer: Layer) -> torch.Tensor:
@@ -276,7 +296,7 @@ def _layer_value(term: Term, layer: Layer) -> torch.Tensor:
     if term.kind == "hoyer_square":
         return hoyer_square(w)
     if term.kind == "bitslice_l1":
-        return bitslice_l1(w, term.bits, term.cell_bits)
+        return bitslice_l1(w, term.bits, term.cell_bits, magnitude_bits=term.magnitude_bits)
     attached = layer.attached()
     if term.kind == "group_lasso":
         return sum(group_lasso(w, g, attached if group_axes(w.ndim, g) == (0,) else None) for g in term.groups)

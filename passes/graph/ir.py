@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.model import copy_model_fields, default_opset
+from optimizer.model import FLOAT_TYPES, copy_model_fields, default_opset
 
 Dim = int | str | None
 
@@ -164,9 +164,6 @@ class GraphView:
             self._constants[tensor.name] = np.asarray(values)
 
 
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-
-
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with the data of large float initializers left out: shape inference needs only their dims,
     and serializing hundreds of megabytes of weights would dominate its cost."""
@@ -179,7 +176,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
     for tensor in model.graph.initializer:
-        if tensor.data_type in _FLOATS and np.prod(tensor.dims) > 64:
+        if tensor.data_type in FLOAT_TYPES and np.prod(tensor.dims) > 64:
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             graph.initializer.append(tensor)

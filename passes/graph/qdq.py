@@ -254,6 +254,7 @@ class QdqPlan:
     bits: int
     scale: str
     granularity: str
+    weight_format: str = "int"
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QdqPlan) -> tuple[dict, list[Decline]]:
@@ -279,7 +280,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan) -> tuple[dict, list[Declin
             "bits": plan.bits,
             "axis": grid.axis,
             "frac_length": None if grid.frac_length is None else plain(grid.frac_length, grid.axis),
-        }
+        } | ({"format": plan.weight_format} if plan.weight_format != "int" else {})
     outputs = set(plan.layer_outputs.values())
     for tensor, grid in plan.activations.items():
         target = rewrite.after if tensor in outputs else rewrite.before

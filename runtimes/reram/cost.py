@@ -8,6 +8,8 @@ column sample; shift-and-add 0.2 mW / (8 × 1.28 GS/s) per ADC code; digital add
 zero-point and offset merges). Worked example: one full 128×128 array read = 200 + 50 + 30 + 2.5 + 0.125 =
 282.625 pJ (ADC 70.8 %). Areas: ADC 0.0012 mm², array 25 µm², DAC 0.166 µm² per row, S&H 0.039 µm² per column,
 S&A 60 µm² per unit shared by two arrays; optional ISAAC tile overhead 40.9 mW and 0.215 mm² per 96 arrays.
+ISAAC gives the ADC area at 8 bits only; at other resolutions it is scaled like the energy (adc_energy=linear:
+0.0012·b/8 mm², exp: 0.0012·2^(b−8) mm²), an assumption that matters only for per-slice resolutions below 8.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def adc_energy_pj(bits: int, model: str) -> float:
     return ADC_PJ_8BIT * bits / 8
 
 
+def adc_area_mm2(bits: int, model: str) -> float:
+    """Area of one ADC of `bits` bits: ISAAC's 8-bit 0.0012 mm², scaled with the energy model (module docstring)."""
+    if model == "exp":
+        return ADC_MM2 * 2.0 ** (bits - 8)
+    return ADC_MM2 * bits / 8
+
+
 def energy_pj(counts: Counts, adc_bits: list[int], options: ReramOptions, latency_ns: float, arrays: int) -> dict:
     """Energy by component for the counted events. adc_bits per slice (an ideal ADC is costed at full bits)."""
     adc = sum(int(n) * adc_energy_pj(b, options.adc_energy) for n, b in zip(counts.conversions, adc_bits, strict=True))
@@ -61,12 +70,20 @@ def latency_ns(counts: Counts, reads_per_tile: int, options: ReramOptions) -> fl
     return counts.vectors * counts.cycles * reads_per_tile * options.t_cycle_ns
 
 
-def area_mm2(arrays: int, adc_units: int, options: ReramOptions) -> float:
+def area_mm2(arrays: int, adc_units: int, options: ReramOptions, adc_bits: list[int] | None = None) -> float:
+    """Arrays with their DACs, S&H and S&A, plus ADCs: adc_units split evenly over the slices of adc_bits (one
+    resolution per slice; None: every ADC at 8 bits)."""
     per_array = ARRAY_MM2 + options.rows * DAC_MM2 + options.cols * SAMPLE_HOLD_MM2 + SHIFT_ADD_MM2
-    area = arrays * per_array + adc_units * ADC_MM2
+    area = arrays * per_array + adc_area_total(adc_units, adc_bits, options)
     if options.tile_overhead:
         area += math.ceil(arrays / ARRAYS_PER_TILE) * TILE_MM2
     return area
+
+
+def adc_area_total(adc_units: int, adc_bits: list[int] | None, options: ReramOptions) -> float:
+    if not adc_bits:
+        return adc_units * ADC_MM2
+    return adc_units / len(adc_bits) * sum(adc_area_mm2(b, options.adc_energy) for b in adc_bits)
 
 
 def summarize(parts: dict[str, float]) -> dict[str, float]:

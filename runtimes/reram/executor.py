@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from optimizer.data import graph_inputs
-from optimizer.errors import RuntimeFailure
+from optimizer.errors import RuntimeFailure, first_line
+from optimizer.ort_session import ort_session
 from runtimes.reram.config import ReramOptions
 from runtimes.reram.crossbar import Counts, Crossbar
 from runtimes.reram.layers import LayerSpec
@@ -160,11 +161,10 @@ class Segment:
         try:
             values = self._sessions[key].run(self.outputs, feeds)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise RuntimeFailure(f"runtime reram: digital ops {self._names()} failed: {_first_line(e)}") from e
+            raise RuntimeFailure(f"runtime reram: digital ops {self._names()} failed: {first_line(e)}") from e
         return dict(zip(self.outputs, values, strict=True))
 
     def _session(self, feeds: dict[str, np.ndarray]):
-        import onnxruntime as ort
 
         used = set().union(*(_consumed(n) for n in self.nodes))
         graph = onnx.helper.make_graph(
@@ -177,16 +177,7 @@ class Segment:
         opsets = [o for o in self.model.opset_import if o.domain != DOMAIN]
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=self.model.ir_version,
                                        functions=self.model.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-        try:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise RuntimeFailure(f"runtime reram: onnxruntime cannot run digital ops {self._names()}: "
-                                 f"{_first_line(e)}") from e
+        return ort_session(model, self.threads, what=f"the digital ops {self._names()} (runtime reram)")
 
     def _names(self) -> str:
         names = [n.name or n.op_type for n in self.nodes]
@@ -256,10 +247,6 @@ class Executor:
                 env[node.output[0]] = self.layers[index].forward(env[node.input[0]], self.read_rng, observe)
         return {name: env[name] for name in self.output_names}
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def chunks(feeds: dict[str, np.ndarray], size: int):

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer.declines import Decline
+from optimizer.ort_session import ort_session
 from optimizer.quant import qmax
 from runtimes.reram.mapping import ConvGeometry
 
@@ -104,7 +105,6 @@ class Constants:
         return self.values.get(name)
 
     def _evaluate(self, node: onnx.NodeProto, inputs: list) -> dict[str, np.ndarray]:
-        import onnxruntime as ort
 
         outputs = [o for o in node.output if o]
         graph = onnx.helper.make_graph(
@@ -114,10 +114,8 @@ class Constants:
         )
         model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version,
                                        functions=self.model.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session = ort_session(model, what=f"the constant inputs of {node.op_type} {node.name!r}")
             return dict(zip(outputs, session.run(outputs, {}), strict=True))
         except Exception as e:  # onnxruntime raises its own exception types
             raise _Declined(f"constant input of {node.op_type} {node.name!r} cannot be evaluated: {e}") from e

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from optimizer import keys
 from optimizer.errors import ModelError
 from optimizer.model import metadata_value
 from optimizer.quant import QUANT_METADATA_KEY
 
-PLAN_KEY = "sculpt.bitslice"
+PLAN_KEY = keys.BITSLICE
 QUANT_KEY = QUANT_METADATA_KEY
 
 

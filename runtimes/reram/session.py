@@ -118,6 +118,7 @@ class ReramSession:
             "adc_energy_share": summary.get("adc", 0.0) / summary["total"] if summary["total"] else None,
             "latency_ns": sum(r["latency_ns"] for r in rows),
             "area_mm2": round(sum(r["area_mm2"] for r in rows), 9),
+            "adc_area_mm2": round(sum(r["adc_area_mm2"] for r in rows), 9),
             "arrays": sum(r["arrays"] for r in rows),
             "macs": macs,
             "pj_per_mac": summary["total"] / macs if macs else None,
@@ -213,7 +214,8 @@ def _layer_report(layer: Layer, options: ReramOptions) -> dict:
         "saturation_rate": saturated / conversions if conversions else 0.0,
         "energy_pj": energy,
         "latency_ns": latency,
-        "area_mm2": cost.area_mm2(arrays, adc_units, options),
+        "area_mm2": cost.area_mm2(arrays, adc_units, options, cost_bits),
+        "adc_area_mm2": cost.adc_area_total(adc_units, cost_bits, options),
         "input_scale": spec.input.scale,
         "input_zero_point": spec.input.zero_point,
     }

@@ -4,6 +4,8 @@ Every point runs the whole evaluation set on the emulator with the same options 
 all slices, the bit-slice plan ignored). Two references frame it: the model on ONNX Runtime (float or QDQ
 digital result) and the integer baseline, the emulator with ideal ADCs and no device noise, so the quantization
 loss (ORT vs integer baseline) reads apart from the analog loss (integer baseline vs each point).
+Per-slice points (`--adc-bits-per-slice 1,3,3,3`, most significant slice first, as the bit-slice L1 paper states
+its claim) follow the uniform ones and add the saturated conversions of each slice.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def parse_bits(text: str) -> list[int]:
     return sorted(bits)
 
 
+def parse_slice_bits(text: str) -> tuple[int, ...]:
+    """"1,3,3,3" (most significant slice first) -> (1, 3, 3, 3); 0 is an ideal ADC."""
+    try:
+        bits = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--adc-bits-per-slice {text!r}: give one resolution per slice, most significant first, "
+                         "e.g. 1,3,3,3") from None
+    if any(b < 0 or b > 32 for b in bits):
+        raise UsageError(f"--adc-bits-per-slice {text!r}: resolutions must be between 0 (ideal) and 32 bits")
+    return bits
+
+
 def sweep(
     model: onnx.ModelProto,
     evaluation: dict[str, np.ndarray],
@@ -43,8 +57,10 @@ def sweep(
     adc_bits: list[int],
     options: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    per_slice: list[tuple[int, ...]] = (),
 ) -> dict:
-    """Accuracy, saturation and energy for each ADC resolution. `options` are reram options (strings or values)."""
+    """Accuracy, saturation and energy for each ADC resolution, then for each per-slice plan in `per_slice`
+    (most significant slice first). `options` are reram options (strings or values)."""
     from runtimes.reram import load
 
     if "labels" not in evaluation:
@@ -60,18 +76,24 @@ def sweep(
     note("integer baseline (ideal ADCs, no device noise)")
     baseline = load(model, **{**options, **NOISE_OFF, "adc_bits": 0}).evaluate(evaluation)
     points = []
-    for bits in adc_bits:
-        note(f"ADC {bits} bits")
-        described = load(model, **{**options, "adc_bits": bits}).evaluate(evaluation)
-        points.append({
-            "adc_bits": bits,
+    for bits in [*adc_bits, *per_slice]:
+        note(f"ADC {bits} bits" if isinstance(bits, int) else f"ADC {','.join(map(str, bits))} bits (MSB first)")
+        runtime_bits = bits if isinstance(bits, int) else "/".join(map(str, reversed(bits)))
+        described = load(model, **{**options, "adc_bits": runtime_bits}).evaluate(evaluation)
+        point = {
+            "adc_bits": bits if isinstance(bits, int) else list(bits),
             "accuracy": described["accuracy"],
             "saturation_rate": described["saturation_rate"],
             "saturated_conversions": described["saturated_conversions"],
             "adc_conversions": described["adc_conversions"],
             "energy_pj": described["energy_pj"]["total"],
+            "adc_energy_pj": described["energy_pj"].get("adc", 0.0),
+            "adc_area_mm2": described["adc_area_mm2"],
             "pj_per_mac": described["pj_per_mac"],
-        })
+        }
+        if not isinstance(bits, int):
+            point["saturated_by_slice_msb_first"] = _saturated_by_slice(described, len(bits))
+        points.append(point)
     return {
         "ort_accuracy": reference,
         "integer_baseline": baseline["accuracy"],
@@ -79,6 +101,13 @@ def sweep(
         "points": points,
         "settings": {k: v for k, v in baseline["settings"].items() if k not in NOISE_OFF and k != "adc_bits"},
     }
+
+
+def _saturated_by_slice(described: dict, slices: int) -> list[int]:
+    totals = np.zeros(slices, dtype=np.int64)
+    for layer in described["layers"]:
+        totals[: len(layer["saturated_by_slice"])] += layer["saturated_by_slice"]
+    return [int(v) for v in totals[::-1]]
 
 
 def _ort_accuracy(model: onnx.ModelProto, evaluation: dict[str, np.ndarray]) -> float:
@@ -92,8 +121,13 @@ def table_lines(result: dict) -> list[str]:
              f"{result['integer_baseline']:.4f}; {result['samples']} samples",
              f"{'ADC bits':>8}  {'top-1':>7}  {'saturated':>10}  {'conversions':>14}  {'energy uJ':>10}  {'pJ/MAC':>7}"]
     for p in result["points"]:
-        lines.append(f"{p['adc_bits']:>8}  {p['accuracy']:>7.4f}  {p['saturation_rate']:>10.4%}  "
+        bits = p["adc_bits"] if isinstance(p["adc_bits"], int) else ",".join(map(str, p["adc_bits"]))
+        lines.append(f"{bits:>8}  {p['accuracy']:>7.4f}  {p['saturation_rate']:>10.4%}  "
                      f"{p['adc_conversions']:>14,}  {p['energy_pj'] / 1e6:>10.3f}  {p['pj_per_mac']:>7.3f}")
+    for p in result["points"]:
+        if "saturated_by_slice_msb_first" in p:
+            lines.append(f"per-slice ADC {','.join(map(str, p['adc_bits']))} (MSB first): saturated conversions per "
+                         f"slice {p['saturated_by_slice_msb_first']}")
     return lines
 
 
@@ -113,9 +147,10 @@ def write_plot(result: dict, path: str | Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     path = check_plot_path(path)
-    bits = [p["adc_bits"] for p in result["points"]]
+    uniform = [p for p in result["points"] if isinstance(p["adc_bits"], int)]
+    bits = [p["adc_bits"] for p in uniform]
     figure, accuracy_axis = plt.subplots(figsize=(7, 4.2), dpi=120)
-    accuracy = [p["accuracy"] for p in result["points"]]
+    accuracy = [p["accuracy"] for p in uniform]
     accuracy_axis.plot(bits, accuracy, "o-", color="tab:blue", label="top-1 (emulator)")
     accuracy_axis.axhline(result["integer_baseline"], color="tab:blue", linestyle="--", linewidth=1,
                           label="integer baseline (ideal ADC)")
@@ -125,7 +160,7 @@ def write_plot(result: dict, path: str | Path, title: str = "") -> None:
     accuracy_axis.set_ylim(0, 1.02)
     accuracy_axis.set_xticks(bits)
     saturation_axis = accuracy_axis.twinx()
-    saturation_axis.plot(bits, [100 * p["saturation_rate"] for p in result["points"]], "s-", color="tab:red",
+    saturation_axis.plot(bits, [100 * p["saturation_rate"] for p in uniform], "s-", color="tab:red",
                          label="saturated conversions")
     saturation_axis.set_ylabel("saturated ADC conversions (%)", color="tab:red")
     saturation_axis.set_ylim(bottom=0)

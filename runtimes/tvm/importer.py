@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import RuntimeFailure, UsageError, first_line
 from optimizer.model import default_opset
 from runtimes.tvm.fold import fold_constants
 
@@ -96,7 +96,7 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
             mod = importer.from_onnx(model.graph, opset)  # it prints to stdout before re-raising
     except Exception as e:  # the importer raises assorted Python and TVM errors
         where = importer.current or "the model"
-        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {_first_line(e)}") from e
+        raise RuntimeFailure(f"tvm runtime: TVM could not import {where}: {first_line(e)}") from e
     return fold_constants(mod)
 
 
@@ -114,10 +114,6 @@ def _naming_importer(shapes: dict[str, list[int]], dtypes: dict[str, str]):
 
     return NamingImporter(shapes, dtypes, keep_params_in_input=False, sanitize=True)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shapes_for(model: onnx.ModelProto, batch: int | None) -> dict[str, tuple[int, ...]] | None:

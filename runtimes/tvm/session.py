@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs
-from optimizer.errors import RuntimeFailure, SculptError, UsageError
+from optimizer.errors import RuntimeFailure, SculptError, UsageError, first_line
 from runtimes.tvm import cache
 from runtimes.tvm.compile import build
 from runtimes.tvm.importer import input_specs, shapes_for
@@ -80,7 +80,7 @@ class TvmSession:
             try:
                 result = compiled.main(*compiled.inputs)
             except Exception as e:  # TVM raises its own error types for shape/dtype/runtime failures
-                raise RuntimeFailure(f"tvm runtime failed to run the model: {_first_line(e)}") from e
+                raise RuntimeFailure(f"tvm runtime failed to run the model: {first_line(e)}") from e
         outputs = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return {name: np.array(np.from_dlpack(out)) for name, out in zip(self.output_names, outputs, strict=True)}
 
@@ -150,7 +150,7 @@ class TvmSession:
         except SculptError:
             raise
         except Exception as e:  # a TVM error while lowering or compiling: a bug here or in TVM, not the user's
-            raise RuntimeFailure(f"tvm runtime: compiling the model failed: {_first_line(e)}") from e
+            raise RuntimeFailure(f"tvm runtime: compiling the model failed: {first_line(e)}") from e
         metadata = {
             "compile_seconds": result.seconds,
             "tuning_records": str(records) if tuning else None,
@@ -160,7 +160,3 @@ class TvmSession:
         note = cache.store(directory, key, result.executable, metadata) if self.options.cache else None
         return Compiled(relax.VirtualMachine(result.executable, tvm.cpu()), typed_shapes, metadata, False, note)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -27,6 +27,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from optimizer.verify import top1  # noqa: E402
 from samples.digits.digits_cnn import SEED, load_split, make_model, train  # noqa: E402
 
 CALIBRATION_SAMPLES = 200
@@ -67,7 +68,7 @@ def summarize(logits: np.ndarray, activations: list[np.ndarray], labels: np.ndar
     zeros = sum(int(np.count_nonzero(a == 0)) for a in activations)
     elements = sum(a.size for a in activations)
     return {
-        "accuracy": float(np.mean(logits.argmax(1) == labels)),
+        "accuracy": top1(logits, labels),
         "sparsity": zeros / elements,
         "layers": [float(np.mean(a == 0)) for a in activations],
     }
@@ -137,8 +138,7 @@ def export_onnx(model, example: np.ndarray):
 def ort_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     from optimizer.verify import run_ort
 
-    logits = next(iter(run_ort(model, {"input": x}).values()))
-    return float(np.mean(logits.argmax(1) == y))
+    return top1(next(iter(run_ort(model, {"input": x}).values())), y)
 
 
 def post_training(dense_onnx, spec: dict, x_cal, x_test, y_test) -> dict:

@@ -1,0 +1,26 @@
+"""`optimize compare`: max abs/rel error, cosine and top-1 agreement between two models' outputs (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import click
+
+from optimizer.commands.common import debug_option
+
+
+@click.command("compare")
+@click.argument("model_a", type=click.Path(dir_okay=False))
+@click.argument("model_b", type=click.Path(dir_okay=False))
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".npz of inputs (default: seeded random)")
+@click.option("--batch", type=int, default=1, show_default=True, help="batch size of random inputs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@debug_option
+def command(model_a, model_b, calibration, batch, seed, debug):
+    """Max abs/rel error, cosine and top-1 agreement between two models' outputs (ONNX Runtime)."""
+    from optimizer.console import print_compare
+    from optimizer.data import load_npz, random_inputs, split_labels
+    from optimizer.model import load_model
+    from optimizer.verify import compare, run_ort
+
+    a, b = load_model(model_a), load_model(model_b)
+    feeds = split_labels(load_npz(calibration, a))[0] if calibration else random_inputs(a, batch, seed)
+    print_compare(compare(run_ort(a, feeds), run_ort(b, feeds)))
