@@ -153,17 +153,18 @@ def test_conv_lstm_linear_loses_most_weights_at_half_ratio(tmp_path):
     assert _outputs(result, feeds)[0].shape == _outputs(source, feeds)[0].shape
 
 
-@pytest.mark.parametrize("op, candidate", [("LSTM", 3), ("GRU", 2), ("RNN", 0)])
-def test_silent_hidden_units_are_removed_exactly(op, candidate):
+@pytest.mark.parametrize("op, candidate, directions", [("LSTM", 3, 1), ("GRU", 2, 1), ("RNN", 0, 1), ("LSTM", 3, 2)],
+                         ids=["lstm", "gru", "rnn", "bidirectional-lstm"])
+def test_silent_hidden_units_are_removed_exactly(op, candidate, directions):
     """Units whose candidate-gate rows and bias are zero output exactly 0: criterion=zero removes them, together
-    with their R columns, and the outputs do not move."""
-    model = helper_rnn(op)
+    with their R columns (in every direction), and the outputs do not move."""
+    model = helper_rnn(op, directions)
     gates, hidden = {"RNN": 1, "GRU": 3, "LSTM": 4}[op], 6
     init = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
     silent = [1, 4]
     for unit in silent:
         row = candidate * hidden + unit
-        init["W"][:, row], init["R"][:, row] = 0, 0
+        init["W"][:, row], init["R"][:, row] = 0, 0  # every direction
         init["B"][:, row], init["B"][:, gates * hidden + row] = 0, 0
     del model.graph.initializer[:]
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in init.items())
@@ -193,3 +194,17 @@ def test_light_zoo_models_clean_and_prune(name, tmp_path, capfd):
         feeds = sample_data(model, samples=1)
         assert [list(o.shape) for o in _outputs(model, feeds)] == expected
     assert count_params(onnx.load(pruned)) <= 0.7 * count_params(onnx.load(cleaned))
+
+
+def test_reram_runs_a_conv_gru_model_with_the_gru_digital():
+    """The crossbars take the convolutions and the classifier; the GRU runs in the digital part (ONNX Runtime)."""
+    from wild_models import torch_conv_rnn
+
+    import runtimes
+
+    model = torch_conv_rnn("gru")
+    feeds = sample_data(model)
+    got = runtimes.load("reram", model).run(feeds)["y"]
+    want = _outputs(model, feeds)[0]
+    assert got.shape == want.shape
+    assert float(np.dot(got.ravel(), want.ravel()) / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
