@@ -4,7 +4,8 @@ It parses options, calls the library, prints tables and maps errors to exit code
 of optimizer/commands/, imported only when that command runs (click's lazy-group pattern), so `optimize --help`
 and `import optimizer.cli` stay light.
 
-Exit codes: 0 ok; 1 failure (a pass failed, verification failed, a runtime failed); 2 usage error.
+Exit codes: 0 ok; 1 failure (a pass, verification, a runtime or a write failed); 2 usage error or bad input
+(optimizer/errors.py).
 Without --debug a failure is one line on stderr; with --debug the traceback follows.
 """
 
@@ -65,6 +66,15 @@ def cli():
     """
 
 
+def printable(text: str) -> str:
+    """One line whatever a model's names hold: control characters (newlines, record separators) become escapes.
+
+        >>> printable("input 'b\\x1e'")
+        "input 'b\\\\x1e'"
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -72,16 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="optimize", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            return 130
+        cause = e.__context__
+        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        click.echo(f"error: input ended unexpectedly{detail}", err=True)
         return 1
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, like every other error; `--help` shows the usage
+        command = f"optimize {e.ctx.command_path.split(' ', 1)[1]}: " if getattr(e, "ctx", None) and " " in (
+            e.ctx.command_path or "") else ""
+        click.echo(f"error: {command.replace('optimize apply: ', '')}{e.format_message()}", err=True)
         return e.exit_code
     except SculptError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e))}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -89,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        click.echo(f"error: internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for the "
+                   "traceback)", err=True)
         return 1
     return 0
 

@@ -7,9 +7,11 @@ import dataclasses
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=False, width=140)
-err_console = Console(stderr=True, highlight=False)
+# markup off: node and tensor names come from the model, and a name such as "[/x]" must print, not crash rich
+console = Console(highlight=False, soft_wrap=False, width=140, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # a warning stays one line
 
 
 def _num(value, fmt: str = ",") -> str:
@@ -22,7 +24,7 @@ def _num(value, fmt: str = ",") -> str:
 
 def progress_printer():
     def on_pass(name: str, index: int, total: int) -> None:
-        err_console.print(f"[dim][{index + 1}/{total}] running {name}…[/dim]")
+        err_console.print(f"[{index + 1}/{total}] running {name}…", style="dim")
 
     return on_pass
 
@@ -40,7 +42,9 @@ def print_pipeline_report(report: dict) -> None:
     for entry in report["passes"]:
         summary = _scalar_details(entry["details"])
         if summary:
-            console.print(f"[bold]{entry['name']}[/bold]: {summary}")
+            console.print(Text.assemble((entry["name"], "bold"), f": {summary}"))
+        if isinstance(entry["details"].get("groups"), list):
+            print_groups(entry["name"], entry["details"]["groups"])
     stats = Table(title="model", title_justify="left")
     for column in ("", "params", "MACs", "bytes", "nodes", "weight sparsity"):
         stats.add_column(column, justify="right")
@@ -63,7 +67,75 @@ def print_pipeline_report(report: dict) -> None:
     if "gate" in report:
         console.print(gate_line(report["gate"]))
     for warning in report.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {warning}"))
+
+
+GROUP_ROWS = 20  # longer group tables are folded: the rows that changed or declined first, then a count
+
+
+def print_groups(pass_name: str, groups: list[dict], limit: int = GROUP_ROWS) -> None:
+    """The per-group table of structured-sparse: pruned / unchanged / declined, channels, members, reason."""
+    if not groups:
+        return
+    order = {"pruned": 0, "declined": 1}
+    shown = sorted(groups, key=lambda g: order.get(g.get("status"), 2))[:limit]
+    table = Table(title=f"{pass_name}: channel groups", title_justify="left")
+    for column in ("group", "status", "channels", "members", "note"):
+        table.add_column(column)
+    for group in shown:
+        members = group.get("members", [])
+        nodes = sorted({m["node"] or m["tensor"] for m in members})
+        listed = ", ".join(nodes[:4]) + (f" (+{len(nodes) - 4})" if len(nodes) > 4 else "")
+        table.add_row(group.get("name", "?"), group.get("status", "?"),
+                      f"{group.get('channels_before', '?')} → {group.get('channels_after', '?')}", listed,
+                      group.get("reason", ""))
+    console.print(table)
+    if len(groups) > len(shown):
+        rest = groups_by_status(groups, exclude=shown)
+        console.print(f"… and {len(groups) - len(shown)} more groups ({rest}); --report has all of them", style="dim")
+
+
+def groups_by_status(groups: list[dict], exclude: list[dict] = ()) -> str:
+    counts: dict[str, int] = {}
+    for group in groups:
+        if not any(group is e for e in exclude):
+            counts[group.get("status", "?")] = counts.get(group.get("status", "?"), 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def print_runtime_summary(runtime: str, described: dict) -> None:
+    """After `run`: the figures a runtime reports besides outputs (reram: energy, latency, area, ADC activity)."""
+    if runtime != "reram" or not described:
+        return
+    energy = described["energy_pj"]
+    parts = [f"energy {energy['total'] / 1e6:.6g} uJ"]
+    if described.get("adc_energy_share") is not None:
+        parts.append(f"ADC share {described['adc_energy_share']:.1%}")
+    if described.get("pj_per_mac") is not None:
+        parts.append(f"{described['pj_per_mac']:.4g} pJ/MAC")
+    parts.append(f"latency {described['latency_ns'] / 1e3:.6g} us")
+    console.print("reram cost (this run, ISAAC-derived cost model): " + ", ".join(parts))
+    console.print(f"reram hardware: area {described['area_mm2']:.4g} mm2, {described['arrays']} crossbar arrays, "
+                  f"{described['macs']:,} MACs on crossbars")
+    conversions = described["adc_conversions"]
+    console.print(f"ADC: {conversions:,} conversions, {described['saturated_conversions']:,} saturated "
+                  f"({described['saturation_rate']:.4%})"
+                  + (f"; top-1 accuracy {described['accuracy']:.4f}" if described.get("accuracy") is not None else ""))
+    layers = described.get("layers", [])
+    if layers:
+        table = Table(title="reram layers", title_justify="left")
+        for column in ("layer", "op", "k x m", "arrays", "ADC bits", "energy uJ", "latency us", "saturated"):
+            table.add_column(column, justify="left" if column in ("layer", "op") else "right")
+        for row in layers[:GROUP_ROWS]:
+            table.add_row(row["name"], row["op"], f"{row['k']}x{row['m']}", str(row["arrays"]),
+                          "/".join(map(str, row["adc_bits"])), f"{row['energy_pj']['total'] / 1e6:.4g}",
+                          f"{row['latency_ns'] / 1e3:.4g}", f"{row['saturation_rate']:.3%}")
+        console.print(table)
+        if len(layers) > GROUP_ROWS:
+            console.print(f"… and {len(layers) - GROUP_ROWS} more layers; --report has all of them", style="dim")
+    declined = described.get("digital", {}).get("declined", [])
+    for d in declined[:5]:
+        console.print(f"digital (not on crossbars): {d['node']} ({d['op']}): {d['reason']}", style="dim")
 
 
 def gate_line(gate: dict) -> str:
@@ -133,13 +205,20 @@ def print_bench(results: dict) -> None:
     rows = results["results"]
     threads = {r["threads"] for r in rows}
     table = Table(title=f"bench (threads fixed at {', '.join(map(str, sorted(threads)))})", title_justify="left")
-    for column in ("model", "runtime", "batch", "median ms", "p90 ms", "peak RSS MB", "time ratio", "speedup"):
+    for column in ("model", "runtime", "batch", "median ms", "p90 ms", "load RSS +MB", "time ratio", "speedup"):
         table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
     for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], r["runtime"], "-", "failed", "-", "-", "-", "-")
+            continue
         table.add_row(r["model"], r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
-                      f"{r['peak_rss_mb']:.0f}", f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}x" if r["ratio"] else "-")
+                      f"{r['rss_delta_mb']:.1f}", f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}x" if r["ratio"] else "-")
     console.print(table)
-    console.print("[dim]time ratio = median / first row's median; speedup = its inverse[/dim]")
+    console.print("time ratio = median / first working row's median; speedup = its inverse; "
+                  f"load RSS +MB = {results.get('memory', 'memory')}", style="dim")
+    for r in rows:
+        if "error" in r:
+            err_console.print(Text.assemble(("failed:", "red"), f" {r['model']} on {r['runtime']}: {r['error']}"))
 
 
 def print_compare(result: dict) -> None:

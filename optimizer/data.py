@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.errors import DataError, RuntimeFailure, UsageError
 
 LABELS = "labels"
 
@@ -37,7 +37,9 @@ def input_spec(value: onnx.ValueInfoProto, batch: int = 1) -> tuple[tuple[int, .
     """Concrete shape (a dynamic dim takes `batch`) and numpy dtype of a graph input."""
     tensor = value.type.tensor_type
     if tensor.elem_type not in _ONNX_TO_NUMPY:
-        raise UsageError(f"input {value.name!r}: element type {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+        known = tensor.elem_type in onnx.TensorProto.DataType.values()
+        type_name = onnx.TensorProto.DataType.Name(tensor.elem_type) if known else f"code {tensor.elem_type}"
+        raise UsageError(f"input {value.name!r}: element type {type_name} "
                          "is not supported for generated data; pass real inputs with --input/--calibration")
     shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tensor.shape.dim)
     return shape, np.dtype(_ONNX_TO_NUMPY[tensor.elem_type])
@@ -49,28 +51,135 @@ def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
     feeds = {}
     for value in graph_inputs(model):
         shape, dtype = input_spec(value, batch)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, min(np.iinfo(dtype).max, 100), size=shape).astype(dtype)
+        feeds[value.name] = _random_array(rng, shape, dtype)
+    return feeds
+
+
+def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    return rng.integers(0, min(np.iinfo(dtype).max, 100), size=shape).astype(dtype)
+
+
+def random_samples(model: onnx.ModelProto, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`random_inputs` with at least `count` samples, also for a model exported with a fixed batch of 1 whose
+    outputs all declare a batch of 1 on axis 0: its batched inputs get `count` rows (sessions feed them one at a
+    time, `feed_in_chunks`). Other fixed shapes (a sequence-first [5, 2, 8]) are left as they are.
+
+        >>> random_samples(model, 32)["x"].shape      # model input x: float[1, 8], output y: float[1, 10]
+        (32, 8)
+    """
+    inputs = graph_inputs(model)
+    batch = fixed_batch(inputs)
+    feeds = random_inputs(model, count, seed)
+    outputs_batch_first = all(
+        len(o.type.tensor_type.shape.dim) >= 1 and o.type.tensor_type.shape.dim[0].dim_value == 1
+        for o in model.graph.output)
+    if batch != 1 or not outputs_batch_first:
+        return feeds
+    rng = np.random.default_rng([seed, count])
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 1 and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            shape = feeds[value.name].shape
+            feeds[value.name] = _random_array(rng, (count, *shape[1:]), feeds[value.name].dtype)
     return feeds
 
 
 def load_npz(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
-    """Read an .npz; with a model, check that it holds every input with a compatible rank, dtype and fixed dims."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            data = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path}: not a readable .npz file ({e})") from e
+    """Read an .npz and check its values (`check_values`); with a model, also check that it holds every input with
+    a compatible rank, dtype and fixed dims (`check_feeds`). Raises DataError (exit 2) naming file, array and fix.
+
+        >>> data = load_npz("calibration.npz", model)     # {"input": float32[256, 1, 8, 8]}
+    """
+    data = read_npz(path)
+    check_values(data, str(path))
     if model is not None:
         check_feeds(data, model, str(path))
     return data
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK"
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, or DataError: missing, empty (0 bytes), a .npy file, not a zip, pickled objects."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an .npz file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not head:
+        raise DataError(f"{path}: is empty (0 bytes); write it with np.savez(path, input_name=array, ...)")
+    if head.startswith(_NPY_MAGIC):
+        raise DataError(f"{path}: is a .npy file (one unnamed array), not an .npz; save it with "
+                        "np.savez(path, <input name>=array) so each array is named after a model input")
+    if not head.startswith(_ZIP_MAGIC):
+        raise DataError(f"{path}: not an .npz file (no zip header); write it with np.savez(path, input_name=array)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds pickled Python objects; store plain numeric arrays") from None
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as e:
+        raise DataError(f"{path}: not a readable .npz file (truncated or corrupt: {_first_line(e)})") from None
+
+
+def check_values(data: dict[str, np.ndarray], where: str) -> None:
+    """Refuse data that would make a verification or accuracy figure meaningless: no arrays, an empty array,
+    non-numeric dtypes, NaN or Inf, and labels that are not one class index per sample.
+
+        >>> check_values({"x": np.array([[0.0, np.nan]], np.float32)}, "cal.npz")
+        DataError: cal.npz: array 'x' has 1 NaN value (first at index (0, 1)); remove or fix those samples
+    """
+    if not data:
+        raise DataError(f"{where}: holds no arrays; it needs one array per model input")
+    for name, array in data.items():
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{where}: array {name!r} has dtype {array.dtype}; store numbers (float, int or bool)")
+        if array.size == 0:
+            raise DataError(f"{where}: array {name!r} is empty (shape {list(array.shape)}); give at least one sample")
+        if array.dtype.kind == "f":
+            _check_finite(array, name, where)
+    if LABELS in data:
+        _check_labels(data[LABELS], where)
+
+
+def _check_finite(array: np.ndarray, name: str, where: str) -> None:
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    counts = " and ".join(f"{n} {kind} value{'s' if n > 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+    raise DataError(f"{where}: array {name!r} has {counts} (first at index {first}); remove or fix those samples")
+
+
+def _check_labels(labels: np.ndarray, where: str) -> None:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(f"{where}: 'labels' has shape {list(labels.shape)} (one-hot?); give one class index per "
+                        "sample, shape [N] (e.g. labels.argmax(1))")
+    if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise DataError(f"{where}: 'labels' has shape {list(labels.shape)}; give one class index per sample, shape [N]")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{where}: 'labels' holds non-integer values; give class indices (integers)")
+    if labels.min() < 0:
+        raise DataError(f"{where}: 'labels' holds negative values ({labels.min()}); give class indices >= 0")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def check_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:

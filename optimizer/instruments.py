@@ -19,11 +19,12 @@ import numpy as np
 import onnx
 
 from optimizer.data import LABELS, split_labels
-from optimizer.errors import SculptError, UsageError, VerificationError
+from optimizer.errors import PassError, QualityError, SculptError, UsageError, VerificationError
 from optimizer.model import check_model, infer_shapes
-from optimizer.verify import compare, run_ort, top1_accuracy
+from optimizer.verify import QualityFloor, compare, run_ort, top1_accuracy
 
 VERIFY_SAMPLES = 256
+MIN_RANDOM_SAMPLES = 32  # without calibration data: enough that top-1 agreement is not just 0 or 1
 GATE_RUNTIMES = ("ort", "tvm")
 
 
@@ -68,47 +69,80 @@ class Timer(Instrument):
 
 
 class Checker(Instrument):
-    """The full ONNX checker on every pass's output."""
+    """The full ONNX checker on the input model (failing: bad input, ModelError) and on every pass's output
+    (failing: the pass's fault, PassError)."""
+
+    def before_run(self, state: RunState) -> None:
+        check_model(state.model, "the input model", full=True)
 
     def after_pass(self, state: RunState, pass_, result) -> None:
-        check_model(result.model, f"output of pass {pass_.name}", full=True)
+        check_model(result.model, f"output of pass {pass_.name}", full=True, error=PassError)
 
 
 class ShapeInference(Instrument):
     """Strict shape inference on every pass's output."""
 
     def after_pass(self, state: RunState, pass_, result) -> None:
-        infer_shapes(result.model, strict=True)
+        infer_shapes(result.model, strict=True, error=PassError)
 
 
 class Verify(Instrument):
     """Compare every pass's outputs with the previous model's on the calibration inputs (entry["verify"]).
 
-    A pass whose contract is `exact` fails the run with VerificationError when the outputs move by more than
-    `tolerance` relative to the output scale (max |Δ| / max |reference|).
+    The input model's own outputs must be finite, and so must every pass's (NaN/Inf: VerificationError). A pass
+    whose contract is `exact` fails the run when the outputs move by more than `tolerance` relative to the output
+    scale (max |Δ| / max |reference|); an `approximate` one below `floor` (cosine, top-1 agreement) is a warning,
+    or with `strict` a QualityError. report["verification"] says which inputs and how many samples were compared.
     """
 
-    def __init__(self, tolerance: float = 1e-4, samples: int = VERIFY_SAMPLES):
+    def __init__(self, tolerance: float = 1e-4, samples: int = VERIFY_SAMPLES, floor: QualityFloor | None = None,
+                 strict: bool = False):
         if not tolerance >= 0:
             raise UsageError(f"--tolerance {tolerance}: must be a non-negative number")
         self.tolerance, self.samples = tolerance, samples
+        self.floor, self.strict = floor or QualityFloor(), strict
 
     def before_run(self, state: RunState) -> None:
         feeds, _ = split_labels(state.ctx.calibration)
         self.feeds = {k: v[: self.samples] if np.ndim(v) else v for k, v in feeds.items()}  # scalars go whole
         self.reference = run_ort(state.model, self.feeds)
+        verdict = compare(self.reference, self.reference)
+        if "failure" in verdict:
+            raise VerificationError(f"input model: {verdict['failure']}; check the model and the calibration data")
+        count = max((len(v) for v in self.feeds.values() if np.ndim(v)), default=1)
+        source = (f"seeded random N(0,1) inputs (seed {state.ctx.seed})" if state.ctx.calibration_is_random
+                  else "calibration data")
+        state.report["verification"] = {"inputs": source, "samples": count}
+        if count < MIN_RANDOM_SAMPLES:
+            state.ctx.warn(f"verification compares only {count} sample(s) (fewer than {MIN_RANDOM_SAMPLES}): cosine "
+                           "and top-1 agreement are coarse; give more --calibration samples")
 
     def after_pass(self, state: RunState, pass_, result) -> None:
         self.feeds = pass_.map_inputs(result, self.feeds)
         outputs = run_ort(result.model, self.feeds)
         verify = compare(self.reference, outputs)
         state.entry["verify"] = verify
-        if state.entry["contract"] == "exact" and not verify["max_rel_err"] <= self.tolerance:
-            raise VerificationError(
-                f"pass {pass_.name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
-                f"> tolerance {self.tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
-            )
+        self._judge(pass_.name, state.entry["contract"], verify, state.ctx)
         self.reference = outputs
+
+    def _judge(self, name: str, contract: str, verify: dict, ctx) -> None:
+        if "failure" in verify:
+            raise VerificationError(f"pass {name}: {verify['failure']}; nothing was written")
+        if contract == "exact":
+            if not verify["max_rel_err"] <= self.tolerance:
+                raise VerificationError(
+                    f"pass {name} is exact but changed the outputs: max relative error {verify['max_rel_err']:.3g} "
+                    f"> tolerance {self.tolerance:g} (max abs {verify['max_abs_err']:.3g}); nothing was written"
+                )
+            return
+        shortfall = self.floor.shortfall(verify)
+        if shortfall is None:
+            return
+        if self.strict:
+            raise QualityError(f"pass {name} fell below the quality floor ({shortfall}); --strict: nothing was "
+                               "written")
+        ctx.warn(f"pass {name} fell below the quality floor ({shortfall}); the output may be broken "
+                 "(--strict fails the run instead; --min-cosine/--min-agreement set the floor)")
 
 
 class Eval(Instrument):
@@ -194,10 +228,12 @@ def _ratio_row(before_ms: float, after_ms: float) -> dict:
 
 
 def default_instruments(*, tolerance: float = 1e-4, gate: str | None = None, gate_min: float | None = None,
-                        threads: int = 1, batch: int = 1) -> list[Instrument]:
+                        threads: int = 1, batch: int = 1, floor: QualityFloor | None = None,
+                        strict: bool = False) -> list[Instrument]:
     """The pipeline's standard instruments: timer, checker, shape inference, verification, eval, and the speed
     gate when `gate` names a runtime."""
-    instruments: list[Instrument] = [Timer(), Checker(), ShapeInference(), Verify(tolerance), Eval()]
+    verify = Verify(tolerance, floor=floor, strict=strict)
+    instruments: list[Instrument] = [Timer(), Checker(), ShapeInference(), verify, Eval()]
     if gate is not None:
         instruments.append(SpeedGate(gate, min_ratio=gate_min, threads=threads, batch=batch))
     elif gate_min is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference, version_converter
 
-from optimizer.errors import ModelError, UsageError, first_line
+from optimizer.errors import ModelError, SculptError, UsageError, WriteError, first_line
 
 MIN_OPSET = 13
 # protobuf refuses to serialize a single message over 2 GiB; larger models keep their tensors as external data.
@@ -39,9 +39,11 @@ def read_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> tu
         if external:
             onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:  # protobuf raises DecodeError, onnx raises ValueError/FileNotFoundError for external data
-        raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
+        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
+    if not model.graph.output:
+        raise ModelError(f"{path}: the graph has no outputs; nothing could be computed or compared")
     check_model(model, str(path))
     from optimizer.normalize import normalize
 
@@ -73,8 +75,10 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
     return converted
 
 
-def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False) -> None:
-    """onnx.checker; `full` adds strict shape inference. Raises ModelError with the checker's first line."""
+def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False,
+                error: type[SculptError] = ModelError) -> None:
+    """onnx.checker; `full` adds strict shape inference. Raises `error` (ModelError: bad input, exit 2) with the
+    checker's first line; the pipeline passes PassError when it checks a pass's output."""
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
             with tempfile.TemporaryDirectory() as tmp:
@@ -83,25 +87,64 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
                 onnx.checker.check_model(tmp_path, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
-    except onnx.checker.ValidationError as e:
-        raise ModelError(f"{where}: fails the ONNX checker: {first_line(e)}") from e
     except shape_inference.InferenceError as e:
-        raise ModelError(f"{where}: fails shape inference: {first_line(e)}") from e
+        raise error(f"{where}: fails shape inference: {_first_line(e)}") from e
+    except onnx.checker.ValidationError as e:
+        raise error(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
+    except (UnicodeDecodeError, ValueError, TypeError, RuntimeError) as e:  # corrupt strings, bad enum values
+        raise error(f"{where}: fails the ONNX checker ({type(e).__name__}: {_first_line(e)})") from e
+    _check_text(model.graph, where, error)
+    known = set(onnx.TensorProto.DataType.values())
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
+            raise error(f"{where}: graph input/output {value.name!r} has unknown element type code "
+                        f"{value.type.tensor_type.elem_type}")
+    newest = onnx.defs.onnx_opset_version()
+    if default_opset(model) > newest:
+        raise error(f"{where}: opset {default_opset(model)} is newer than the newest this onnx supports ({newest}); "
+                    f"re-export with opset <= {newest}")
 
 
-def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+def _check_text(graph: onnx.GraphProto, where: str, error: type[SculptError]) -> None:
+    """Names must be text: protobuf hands back bytes for a string field that is not valid UTF-8 (a corrupt file),
+    which the checker lets through and every later step trips over."""
+    named = [*graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    for index, item in enumerate(named):
+        if isinstance(item.name, bytes):
+            raise error(f"{where}: tensor #{index} of graph {graph.name!r} has a name that is not valid UTF-8 "
+                        "(corrupt file?)")
+    for index, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output]
+        if any(isinstance(f, bytes) for f in fields):
+            raise error(f"{where}: node #{index} has a name, op type or tensor name that is not valid UTF-8 "
+                        "(corrupt file?)")
+        for attribute in node.attribute:
+            if isinstance(attribute.name, bytes):
+                raise error(f"{where}: node #{index} has an attribute name that is not valid UTF-8 (corrupt file?)")
+            for sub in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
+                _check_text(sub, where, error)
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = True,
+                 error: type[SculptError] = ModelError) -> onnx.ModelProto:
     try:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
-    except (shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        raise ModelError(f"shape inference failed: {first_line(e)}") from e
+    except (shape_inference.InferenceError, onnx.checker.ValidationError, UnicodeDecodeError, ValueError,
+            RuntimeError) as e:
+        raise error(f"shape inference failed: {_first_line(e)}") from e
 
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    return first_line(error, limit)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically: into a temporary folder beside the target, then renamed into place when complete.
 
     `external=True` writes the tensors to `<name>.data` beside the model; None decides by size (protobuf cannot
-    serialize a message over 2 GiB). The output directory must exist; on any failure nothing is left behind.
+    serialize a message over 2 GiB). An old `<name>.data` is replaced, and put back if the model's own rename
+    fails, so the model and its data never disagree. The output directory must exist; on any failure nothing is
+    left behind. Callers check the path with `optimizer.paths.OutputPlan` first (never an input's file).
     """
     path = Path(path)
     directory = path.parent
@@ -120,13 +163,43 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
                     detached, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD,
                 )
-                os.replace(Path(tmp) / data_name, directory / data_name)
+                _publish_pair(staged, Path(tmp) / data_name, path, directory / data_name, Path(tmp))
             else:
                 onnx.save_model(model, str(staged))
-            os.replace(staged, path)
+                _ordinary_permissions(staged)
+                os.replace(staged, path)
     except OSError as e:
-        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
     return path
+
+
+def _publish_pair(staged: Path, staged_data: Path, path: Path, data: Path, tmp: Path) -> None:
+    """Rename the data file, then the model, into place; if the model's rename fails, restore the old data."""
+    _ordinary_permissions(staged)
+    if not staged_data.exists():  # every tensor was under the size threshold: nothing went to external data
+        os.replace(staged, path)
+        return
+    _ordinary_permissions(staged_data)
+    backup = tmp / "previous.data"
+    had_old = data.exists()
+    if had_old:
+        os.replace(data, backup)
+    try:
+        os.replace(staged_data, data)
+        os.replace(staged, path)
+    except OSError:
+        if had_old:
+            os.replace(backup, data)
+        elif data.exists():
+            data.unlink()
+        raise
+
+
+def _ordinary_permissions(path: Path) -> None:
+    """Temporary folders are private (0700, files 0600); a written model is an ordinary file (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

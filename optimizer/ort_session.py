@@ -17,8 +17,11 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None, *, what: str
     Raises RuntimeFailure naming `what` and onnxruntime's first message line when the model cannot be loaded."""
     import onnxruntime as ort
 
+    # fatal only: ORT's own log lines go straight to file descriptor 2 (coloured) and would interleave with ours;
+    # its errors still reach us as exceptions. The default logger covers sessions others open (graphsurgeon).
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

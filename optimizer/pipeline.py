@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -12,12 +13,14 @@ import numpy as np
 import onnx
 import yaml
 
-from optimizer.data import LABELS, random_inputs, split_labels
+from optimizer.data import LABELS, random_samples, split_labels
 from optimizer.errors import PassError, SculptError, UsageError
-from optimizer.instruments import Instrument, RunState, default_instruments
+from optimizer.instruments import MIN_RANDOM_SAMPLES, Instrument, RunState, default_instruments
 from optimizer.io_json import write_bytes
 from optimizer.model import load_model
+from optimizer.overridable import default_feeds, detach, freeze, reattach
 from optimizer.report import model_stats
+from optimizer.verify import QualityFloor
 from passes import Artifact, Pass, PassContext, PassResult, get_pass
 
 # a comma starts a new option only when `key=` follows, so regex values (exclude=a,b) keep their commas
@@ -38,7 +41,10 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise UsageError(f"--pass {spec!r}: expected key=value, got {item!r}")
-            options[key.strip()] = value.strip()
+            key = key.strip()
+            if key.replace("-", "_") in {k.replace("-", "_") for k in options}:
+                raise UsageError(f"--pass {spec!r}: option {key!r} is given twice; give each option once")
+            options[key] = value.strip()
     return name, options
 
 
@@ -111,6 +117,9 @@ def optimize(
     gate_threads: int = 1,
     instruments: list[Instrument] | None = None,
     on_pass: Callable[[str, int, int], None] | None = None,
+    floor: QualityFloor | None = None,
+    strict: bool = False,
+    freeze_inputs: bool = False,
 ) -> tuple[onnx.ModelProto, dict]:
     """Run `passes` in order on a copy of the model and return (model, report).
 
@@ -118,7 +127,13 @@ def optimize(
     strict ShapeInference, Verify (the new model's outputs against the previous model's on the calibration
     inputs, seeded random inputs when none are given; an `exact` pass that moves them by more than `tolerance`
     relative to the output scale fails the run), Eval (top-1 before and after, when `evaluation` has labels), and
-    with `gate="ort"|"tvm"` a SpeedGate that measures the speedup (failing below `gate_min`).
+    with `gate="ort"|"tvm"` a SpeedGate that measures the speedup (failing below `gate_min`). Without
+    calibration data the inputs are seeded random ones, at least MIN_RANDOM_SAMPLES where the batch axis is open.
+    Verify fails on NaN/Inf in either model's outputs, and an `approximate` pass below `floor` (cosine, top-1
+    agreement) is a warning, with `strict` a QualityError.
+
+    Overridable initializers (graph inputs with a same-name initializer, a default the caller may replace) stay
+    graph inputs through every pass (optimizer/overridable.py), unless `freeze_inputs` makes them constants first.
 
     The passes' artifacts (keys, plans, plots) are written only after every pass and instrument has passed; a run
     that fails writes none of them.
@@ -135,11 +150,17 @@ def optimize(
     pass_objects = [build_pass(spec) for spec in passes]
     if not pass_objects:
         raise UsageError("no passes given; use --pass NAME (see `optimize passes`)")
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be at least 1")
     if instruments is None:
         instruments = default_instruments(tolerance=tolerance, gate=gate, gate_min=gate_min, threads=gate_threads,
-                                          batch=batch)
+                                          batch=batch, floor=floor, strict=strict)
+    if freeze_inputs:
+        model = freeze(model)
+    random_batch = max(batch, MIN_RANDOM_SAMPLES)
     ctx = PassContext(
-        calibration=split_labels(calibration)[0] if calibration is not None else random_inputs(model, batch, seed),
+        calibration=split_labels(calibration)[0] if calibration is not None else random_samples(model, random_batch,
+                                                                                                 seed),
         calibration_is_random=calibration is None,
         evaluation=evaluation,
         seed=seed,
@@ -172,14 +193,20 @@ def _run_pass(pass_: Pass, state: RunState, instruments: list[Instrument]) -> Pa
     state.entry = {"name": pass_.name, "options": _plain_options(pass_), "contract": pass_.contract_for_options()}
     for instrument in instruments:
         instrument.before_pass(state, pass_)
+    detached, defaults = detach(state.model)
+    calibration = state.ctx.calibration
+    state.ctx.calibration = {**default_feeds(defaults), **calibration}  # a pass may run the detached model
     try:
-        result = pass_.run(state.model, state.ctx)
+        result = pass_.run(detached, state.ctx)
     except SculptError:
         raise
     except Exception as e:
         raise PassError(f"pass {pass_.name} failed: {type(e).__name__}: {e}") from e
+    finally:
+        state.ctx.calibration = calibration
     if not isinstance(result, PassResult):
         raise PassError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
+    result = dataclasses.replace(result, model=reattach(result.model, defaults))
     state.report["passes"].append(state.entry)
     for instrument in instruments:
         instrument.after_pass(state, pass_, result)
@@ -197,6 +224,4 @@ def _map_context(ctx: PassContext, pass_: Pass, result: PassResult) -> None:
 
 
 def _plain_options(pass_: Pass) -> dict:
-    import dataclasses
-
     return {k: v for k, v in dataclasses.asdict(pass_.options).items()}

@@ -88,4 +88,4 @@ def print_sensitivity(result: dict) -> None:
     for row in result["groups"]:
         table.add_row(row["name"], str(row["channels"]),
                       *[f"{row['ratios'][f'{r:g}']['drop']:+.4f}" for r in result["ratios"]])
-    Console(highlight=False, width=140).print(table)
+    Console(highlight=False, width=140, markup=False).print(table)  # group names come from the model

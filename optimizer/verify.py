@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
 from optimizer.data import feed_in_chunks, fixed_batch, graph_inputs, split_labels
+from optimizer.errors import VerificationError
 from optimizer.ort_session import ort_session, run_outputs
 
 
@@ -21,10 +24,21 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
 
     max_rel_err is relative to the reference output's scale (max |ref|), so that near-zero elements do not
     dominate; cosine is over the flattened outputs; top1_agreement compares argmax over the last axis of
-    outputs whose last axis has more than one class.
+    outputs whose last axis has more than one class. NaN/Inf in either side's outputs make the comparison
+    meaningless: the result then carries `nonfinite` counts, errors of inf and cosine/agreement 0, and
+    `failure` says why (the pipeline fails on it). Raises VerificationError when there is nothing to compare.
+
+        >>> compare({"y": np.ones((2, 3))}, {"y": np.ones((2, 3))})["cosine"]
+        1.0
     """
     if len(reference) != len(candidate):
-        raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
+        raise VerificationError(f"output count differs: {len(reference)} vs {len(candidate)}")
+    if not reference or all(np.size(v) == 0 for v in reference.values()):
+        raise VerificationError("nothing to compare: the outputs hold no values (zero samples?)")
+    nonfinite = _nonfinite_counts(reference, candidate)
+    if nonfinite["reference"] or nonfinite["candidate"]:
+        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "cosine": 0.0, "top1_agreement": 0.0,
+                "nonfinite": nonfinite, "failure": _nonfinite_message(nonfinite)}
     max_abs = max_rel = 0.0
     cosine, agreement = 1.0, None
     for ref, new in zip(reference.values(), candidate.values(), strict=True):
@@ -32,7 +46,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         new = np.asarray(new, dtype=np.float64)
         if ref.shape != new.shape:
             return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "cosine": 0.0, "top1_agreement": 0.0,
-                    "shape_mismatch": [list(ref.shape), list(new.shape)]}
+                    "shape_mismatch": [list(ref.shape), list(new.shape)],
+                    "failure": f"output shape changed from {list(ref.shape)} to {list(new.shape)}"}
         diff = np.abs(ref - new)
         err = float(diff.max(initial=0.0))
         scale = float(np.abs(ref).max(initial=0.0))
@@ -44,6 +59,47 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
             same = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
             agreement = same if agreement is None else min(agreement, same)
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "cosine": cosine, "top1_agreement": agreement}
+
+
+def _nonfinite_counts(reference: dict, candidate: dict) -> dict[str, int]:
+    def count(outputs):
+        return sum(int(np.size(v) - np.isfinite(v).sum()) for v in outputs.values()
+                   if np.asarray(v).dtype.kind in "fc")
+
+    return {"reference": count(reference), "candidate": count(candidate)}
+
+
+def _nonfinite_message(nonfinite: dict[str, int]) -> str:
+    if nonfinite["reference"]:
+        return (f"the reference model's outputs hold {nonfinite['reference']} NaN/Inf values on the verification "
+                "inputs, so nothing can be compared")
+    return f"the new model's outputs hold {nonfinite['candidate']} NaN/Inf values on the verification inputs"
+
+
+@dataclass(frozen=True)
+class QualityFloor:
+    """Below these an approximate pass is reported loudly (`--strict`: the run fails and writes nothing).
+
+    min_cosine 0.99 and min_agreement 0.95 (top-1 of the pass's output against its input's, on the
+    verification inputs): 8-bit quantization of the digits CNN stays at cosine 0.99996 and agreement 1.0, so a
+    pass below the floor has changed the model far more than a careful compression step does.
+
+        >>> QualityFloor().shortfall({"cosine": 0.13, "top1_agreement": 0.4})
+        'cosine 0.130000 < 0.99, top-1 agreement 0.4000 < 0.95'
+    """
+
+    min_cosine: float = 0.99
+    min_agreement: float = 0.95
+
+    def shortfall(self, verify: dict) -> str | None:
+        """What fell below the floor, or None."""
+        parts = []
+        if verify["cosine"] < self.min_cosine:
+            parts.append(f"cosine {verify['cosine']:.6f} < {self.min_cosine:g}")
+        agreement = verify.get("top1_agreement")
+        if agreement is not None and agreement < self.min_agreement:
+            parts.append(f"top-1 agreement {agreement:.4f} < {self.min_agreement:g}")
+        return ", ".join(parts) or None
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

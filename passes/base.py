@@ -133,6 +133,18 @@ def option_fields(pass_cls: type[Pass]) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, types[f.name]) for f in dataclasses.fields(pass_cls.Options)]
 
 
+def file_options(pass_: Pass) -> list[tuple[str, str, str]]:
+    """(option name, "read" | "write", path) for every set option declared with `option(..., file=...)`, so the
+    CLI can apply its output-path safety rule to the files a pass reads and writes."""
+    found = []
+    for f in dataclasses.fields(pass_.options):
+        kind = f.metadata.get("file")
+        value = getattr(pass_.options, f.name)
+        if kind and value:
+            found.append((f.name, kind, str(value)))
+    return found
+
+
 def compile_regex(pass_name: str, key: str, pattern: str | None) -> re.Pattern | None:
     if not pattern:
         return None

@@ -66,8 +66,9 @@ class Mole(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it")
-        key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one")
+        key_out: str | None = option(None, "write the new morphing key here (.npz); the data provider needs it",
+                                      file="write")
+        key: str | None = option(None, "use this existing key (.npz) instead of drawing a new one", file="read")
         matrix: Literal["orthogonal", "uniform"] = option(
             "orthogonal", "new keys: orthogonal (condition number 1) or the paper's uniform U[0,1) (float64 data)")
         kappa: int = option(1, "new keys: block-diagonal M, kappa copies of one random block (1: dense)")

@@ -133,6 +133,7 @@ class Quantize(Pass):
         quantized_outputs = _run(model, feeds)
         details = self._report(plan, declines, metadata)
         details["float_biases"] = [d.as_report() for d in float_biases]
+        _warn_declines(declines, ctx)
         details["calibration"] = {
             "samples": _batch_size(feeds),
             "random": ctx.calibration is None or ctx.calibration_is_random,
@@ -214,6 +215,15 @@ class Quantize(Pass):
             "quantized_weights": len(metadata["weights"]),
             "quantized_activations": len(metadata["activations"]),
         }
+
+
+def _warn_declines(declines: list, ctx: PassContext) -> None:
+    """One line for the nodes left in float that the user did not exclude (the report lists every one)."""
+    left = [d for d in declines if d.code != "excluded"]
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        ctx.warn(f"quantize: {left[0].op} {left[0].node!r} stays float ({left[0].why}){more}; "
+                 "see 'declined' in the report")
 
 
 def _opset_for_int16(model: onnx.ModelProto) -> onnx.ModelProto:

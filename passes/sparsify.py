@@ -125,6 +125,12 @@ class Sparsify(Pass):
             layers.append(layer_row(target, pruned, self.pattern))
         total = sum(r["params"] for r in layers)
         zeros = sum(r["params"] * r["sparsity"] for r in layers)
+        newly_zeroed = sum(int(np.count_nonzero(~mask & (matrix != 0))) for matrix, mask in zip(matrices, masks,
+                                                                                               strict=True))
+        if newly_zeroed == 0:
+            ctx.warn(f"pass sparsify: pattern={self.pattern} with sparsity={self.options.sparsity:g} zeroed no "
+                     "weight (sparsity 0, blocks larger than the weights, or too low a sparsity for one block); the "
+                     "model is unchanged")
         settings = {"pattern": str(self.pattern), "sparsity": self.options.sparsity, "scope": self.options.scope}
         set_metadata(result, METADATA_KEY, json.dumps(settings))
         details = {

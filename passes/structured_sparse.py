@@ -107,8 +107,10 @@ class StructuredSparse(Pass):
         round_to: int = option(1, "keep a multiple of this many channels in each group")
         min_channels: int = option(1, "keep at least this many channels in each group")
         exclude: str | None = option(None, "regex on the names of the nodes producing a group: matches are kept")
-        plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)")
-        plan_out: str | None = option(None, "write the plan (groups and kept channels) to this JSON file")
+        plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)",
+                                   file="read")
+        plan_out: str | None = option(None, "write the plan (groups and kept channels) to this JSON file",
+                                       file="write")
 
     def validate(self) -> None:
         o = self.options

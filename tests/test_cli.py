@@ -54,8 +54,8 @@ def _bad_input_cases(digits, tmp_path):
     model, out = str(digits.model), str(tmp_path / "out.onnx")
     return {
         "missing file": ([str(tmp_path / "nope.onnx"), "--pass", "cleanup", "-o", out], 2, "no such file"),
-        "text file": ([str(text), "--pass", "cleanup", "-o", out], 1, "not a readable ONNX model"),
-        "truncated": ([str(truncated), "--pass", "cleanup", "-o", out], 1, "not a readable ONNX model"),
+        "text file": ([str(text), "--pass", "cleanup", "-o", out], 2, "not a readable ONNX model"),
+        "truncated": ([str(truncated), "--pass", "cleanup", "-o", out], 2, "not a readable ONNX model"),
         "unknown pass": ([model, "--pass", "shrink", "-o", out], 2, "unknown pass 'shrink'"),
         "unknown option": ([model, "--pass", "cleanup:nonsense=1", "-o", out], 2, "unknown option 'nonsense'"),
         "missing out dir": ([model, "--pass", "cleanup", "-o", str(tmp_path / "no" / "out.onnx")], 2,
@@ -140,7 +140,7 @@ def test_bench_two_models_prints_ratio(digits_assets, tmp_path, capsys):
     assert "median ms" in out and "clean.onnx" in out
     results = json.loads(report.read_text())["results"]
     assert len(results) == 2 and results[0]["ratio"] == 1.0
-    assert {"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "peak_rss_mb", "ratio"} <= set(results[1])
+    assert {"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "rss_delta_mb", "ratio"} <= set(results[1])
     assert results[1]["ratio"] == pytest.approx(results[1]["median_ms"] / results[0]["median_ms"])
 
 

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from optimizer.errors import UsageError
 
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def check_paths(models=(), reads=(), writes=()) -> None:
+    """The output-path safety rule (optimizer.paths), before any work: (label, path) pairs, None paths skipped.
+
+        check_paths(models=[("the input model", "m.onnx")], writes=[("--report", "m.onnx")])   # UsageError
+    """
+    from optimizer.paths import OutputPlan
+
+    plan = OutputPlan()
+    for label, path in models:
+        plan.read_model(path, label)
+    for label, path in reads:
+        plan.read(label, path)
+    for label, path in writes:
+        plan.write(label, path)
+    plan.check()
+
 
 def debug_option(f):
     return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
-
-
-def require_directory(path: str, what: str) -> None:
-    """Fail before any work when the file at `path` could not be written: its directory is missing."""
-    if not Path(path).parent.is_dir():
-        raise UsageError(f"{path}: {what} directory {Path(path).parent} does not exist")
 
 
 def echo_notes(notes: list[str]) -> None:
@@ -39,7 +51,11 @@ def runtime_options(runtime_names, option_strings: dict[str, tuple[str, ...]]) -
     options: dict[str, dict] = {}
     for name, strings in option_strings.items():
         for text in strings:
-            options.setdefault(name, {}).update(parse_pass_spec(f"{name}:{text}")[1])
+            values = parse_pass_spec(f"{name}:{text}")[1]
+            repeated = sorted(set(values) & set(options.get(name, {})))
+            if repeated:
+                raise UsageError(f"--{name}: option {repeated[0]!r} is given twice; give each option once")
+            options.setdefault(name, {}).update(values)
         if strings and name not in runtime_names:
             raise UsageError(f"--{name} options given but --runtime {name} is not selected")
     return options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import debug_option, require_directory
+from optimizer.commands.common import check_paths, debug_option
 from optimizer.errors import UsageError
 
 
@@ -23,7 +23,7 @@ def command(key, input_path, output_path, debug):
     from optimizer.morph import load_key, morph
     from passes.mole import morphed_name
 
-    require_directory(output_path, "output")
+    check_paths(reads=[("the key", key), ("--input", input_path)], writes=[("--output", output_path)])
     secret = load_key(key)
     data = load_npz(input_path)
     if secret.input_name not in data:

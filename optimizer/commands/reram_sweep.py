@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from optimizer.commands.common import collect_runtime_options, debug_option, write_report
+from optimizer.commands.common import check_paths, collect_runtime_options, debug_option, write_report
 
 
 @click.command("reram-sweep")
@@ -28,6 +28,9 @@ def command(model, eval_path, adc_bits, per_slice, plot, calibration, report, re
     from runtimes.reram.sweep import check_plot_path, parse_bits, parse_slice_bits, sweep, table_lines, write_plot
 
     bits = parse_bits(adc_bits)
+    check_paths(models=[("the input model", model)],
+                reads=[("--eval", eval_path), ("--calibration", calibration), ("--reram-config", reram_config)],
+                writes=[("--plot", plot), ("--report", report)])
     slice_plans = [parse_slice_bits(text) for text in per_slice]
     if plot:
         check_plot_path(plot)

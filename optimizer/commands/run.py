@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from optimizer.commands.common import (
+    POSITIVE,
+    check_paths,
     collect_runtime_options,
     debug_option,
-    require_directory,
     runtime_flags,
     write_report,
 )
@@ -18,7 +19,7 @@ from optimizer.commands.common import (
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help=".npz of inputs")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False), help=".npz to write")
 @click.option("--runtime", default="ort", show_default=True, help="ort | tvm | reram")
-@click.option("--threads", type=int, default=None, help="threads for the runtime")
+@click.option("--threads", type=POSITIVE, default=None, help="threads for the runtime")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the runtime's description as JSON")
 @runtime_flags
 @debug_option
@@ -28,7 +29,8 @@ def command(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     from optimizer.data import load_npz, split_labels
     from optimizer.model import load_model
 
-    require_directory(output_path, "output")
+    check_paths(models=[("the input model", model)], reads=[("--input", input_path), ("--reram-config", reram_config)],
+                writes=[("--output", output_path), ("--report", report)])
     proto = load_model(model)
     data = load_npz(input_path, proto)
     feeds, labels = split_labels(data)
@@ -43,3 +45,6 @@ def command(model, input_path, output_path, runtime, threads, report, tvm_opts, 
     described = session.describe()
     write_report(report, {"model": str(model), "runtime": runtime, runtime: described})
     click.echo(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+    from optimizer.console import print_runtime_summary
+
+    print_runtime_summary(runtime, described)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import debug_option, write_report
+from optimizer.commands.common import check_paths, debug_option, write_report
 
 
 @click.command("sensitivity")
@@ -22,6 +22,7 @@ def command(model, eval_path, ratios, criterion, report, debug):
     from optimizer.sensitivity import parse_ratios, print_sensitivity, sensitivity
 
     parsed = parse_ratios(ratios)
+    check_paths(models=[("the input model", model)], reads=[("--eval", eval_path)], writes=[("--report", report)])
     proto = load_model(model)
     result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion,
                          progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import debug_option, runtime_options, write_report
+from optimizer.commands.common import NON_NEGATIVE, POSITIVE, check_paths, debug_option, runtime_options, write_report
 
 
 @click.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--trials", type=int, required=True, help="measured candidates in total (MetaSchedule)")
-@click.option("--batch", type=int, default=None, help="batch to tune for (needed when the model's batch is open)")
+@click.option("--trials", type=POSITIVE, required=True, help="measured candidates in total (MetaSchedule)")
+@click.option("--batch", type=POSITIVE, default=None, help="batch to tune for (needed when the model's batch is open)")
 @click.option("--tvm", "tvm_opts", multiple=True, metavar="k=v,...", help="tvm options (sparse, block, cache_dir)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
 @debug_option
 def command(model, trials, batch, tvm_opts, seed, report, debug):
@@ -21,6 +21,7 @@ def command(model, trials, batch, tvm_opts, seed, report, debug):
     from runtimes.tvm.options import parse_options
     from runtimes.tvm.tune import tune
 
+    check_paths(models=[("the input model", model)], writes=[("--report", report)])
     values = runtime_options(["tvm"], {"tvm": tvm_opts}).get("tvm", {})
     options = parse_options({**values, **({"batch": batch} if batch is not None else {})})
     result = tune(load_model(model), trials=trials, options=options, seed=seed)

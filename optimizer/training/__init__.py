@@ -1,4 +1,5 @@
-"""The PyTorch training frontend: sparsity regularizers, DFP quantization-aware training, a trainer and export.
+"""The PyTorch training frontend: regularizers, QAT, a trainer, export and the training-time methods (AutoGrow, MoLe,
+MESA, feedback learning, the conditional transferring-features GAN).
 
 Importing this package is light: torch loads on first use of a name below (PEP 562 lazy attributes), and a
 missing torch is reported as MissingDependency naming the `train` extra.
@@ -31,6 +32,12 @@ _EXPORTS = {
                  "Generated", "generate_examples", "FeedbackConfig", "FeedbackRound", "FeedbackResult",
                  "feedback_learning", "fgsm", "pgd", "adversarial_transform", "noisy_correct", "RobustnessReport",
                  "robustness_report", "format_table"),
+    "gan": ("Generator", "ProjectionDiscriminator", "GANConfig", "GanSampler", "GANResult", "train_gan", "rotate",
+            "rotation_loss", "discriminator_hinge_loss", "generator_hinge_loss", "recalibrate"),
+    "gan_transfer": ("Degradation", "degrade", "gaussian_kernel", "QualityPools", "quality_pools", "TransferBranch",
+                     "TransferConfig", "train_transfer", "ClassPrior"),
+    "gan_metrics": ("Judge", "frechet_distance", "mean_pairwise_distance", "diversity_ratio", "GenerationMetrics",
+                    "generation_metrics"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

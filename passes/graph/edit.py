@@ -59,7 +59,7 @@ class GraphEdit:
 
     def add_initializer(self, values: np.ndarray, hint: str) -> gs.Constant:
         """A new constant (an initializer once exported) under a fresh name based on `hint`."""
-        tensor = gs.Constant(self.fresh(hint), np.ascontiguousarray(values))
+        tensor = gs.Constant(self.fresh(hint), np.asarray(values, order="C"))
         self._tensors[tensor.name] = tensor
         return tensor
 
@@ -145,7 +145,7 @@ class GraphEdit:
     def constant_node_to_initializer(self, node: gs.Node, values: np.ndarray) -> gs.Constant:
         """Replace a node whose output is the constant `values` by an initializer of the same name."""
         output = node.outputs[0]
-        constant = gs.Constant(output.name, np.ascontiguousarray(values))
+        constant = gs.Constant(output.name, np.asarray(values, order="C"))  # ascontiguousarray makes a 0-d value 1-d
         readers = list(output.outputs)
         is_output = output in self.graph.outputs
         node.inputs.clear()

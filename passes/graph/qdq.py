@@ -74,6 +74,9 @@ NOT_HANDLED = {  # op -> (code, why)
     "QLinearMatMul": ("already-quantized", "already quantized"),
     "ConvInteger": ("already-quantized", "already quantized"),
     "MatMulInteger": ("already-quantized", "already quantized"),
+    "GRU": ("recurrent", "recurrent (GRU) weights are not quantized; the node stays float"),
+    "LSTM": ("recurrent", "recurrent (LSTM) weights are not quantized; the node stays float"),
+    "RNN": ("recurrent", "recurrent (RNN) weights are not quantized; the node stays float"),
 }
 
 
@@ -98,6 +101,11 @@ def find_sites(model: onnx.ModelProto, exclude=None) -> tuple[list[Site], list[D
         if node.op_type in NOT_HANDLED:
             declines.append(Decline(node.name, node.op_type, *NOT_HANDLED[node.op_type]))
             continue
+        inside = _weighted_ops_in_subgraphs(node)
+        if inside:
+            why = f"its subgraph bodies are not quantized: {inside} Conv/Gemm/MatMul nodes inside stay float"
+            declines.append(Decline(node.name, node.op_type, "subgraph", why))
+            continue
         handler = SITE_HANDLERS.get(node.op_type)
         if handler is None or node.domain not in ("", "ai.onnx"):
             continue  # not a weight op: nothing to quantize, nothing to report
@@ -118,6 +126,16 @@ def find_sites(model: onnx.ModelProto, exclude=None) -> tuple[list[Site], list[D
         else:
             sites.append(site)
     return sites, declines
+
+
+def _weighted_ops_in_subgraphs(node: onnx.NodeProto) -> int:
+    """How many Conv/Gemm/MatMul-like nodes the node's subgraphs (If/Loop/Scan bodies) hold, nested ones too."""
+    count = 0
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
+            for inner in graph.node:
+                count += (inner.op_type in SITE_HANDLERS) + _weighted_ops_in_subgraphs(inner)
+    return count
 
 
 def input_tensors(model: onnx.ModelProto, sites: list[Site]) -> list[str]:

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from rich.console import Console
 
 import optimizer
 from optimizer.bench import bench
-from optimizer.console import console, print_bench, print_pipeline_report
+from optimizer.console import print_bench, print_pipeline_report
 from optimizer.errors import SculptError
 from optimizer.model import save_model
 from optimizer.verify import run_ort
@@ -37,6 +38,8 @@ from samples.speaker.corpus import GENERATED_DIR, Corpus, CorpusConfig, build
 from samples.speaker.eer import cosine_scores, equal_error_rate
 from samples.speaker.model import fold_batch_norm
 from samples.speaker.train import TrainedModels, TrainingPlan, export_embedding, train_or_load
+
+console = Console(highlight=False, soft_wrap=False, width=140)  # with markup: the demo's own headings use it
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 PRUNE_SPEC = "structured-sparse:criterion=zero"
