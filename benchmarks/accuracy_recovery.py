@@ -59,6 +59,10 @@ def latency_ratio(model, pruned, feeds: dict, rounds: int) -> float:
     return base / new
 
 
+def nan_if_none(value) -> float:
+    return float("nan") if value is None else value
+
+
 def run_one(task, options: dict, reference: dict, base: float, rounds: int) -> str:
     ctx = PassContext(calibration=task.calibration, calibration_is_random=False)
     started = time.perf_counter()
@@ -70,7 +74,8 @@ def run_one(task, options: dict, reference: dict, base: float, rounds: int) -> s
     label = f"ratio {options['ratio']}" if "ratio" in options else f"keep {options['keep_params']}"
     return (f"{task.name:<18} {label:<10} {details['criterion']:<14} {details['recover']:<5} "
             f"{summary['weights_kept']:>6.3f} {summary['weights_kept_without_embeddings']:>7.3f} "
-            f"{summary['macs_kept'] if summary['macs_kept'] is not None else float('nan'):>6.3f} {value:>7.4f} {100 * (value - base):>+7.2f} {speed:>6.2f}x {seconds:>7.1f}"
+            f"{nan_if_none(summary['macs_kept']):>6.3f} {value:>7.4f} {100 * (value - base):>+7.2f} {speed:>6.2f}x "
+            f"{seconds:>7.1f}"
             f"  {json.dumps(summary['phases'])}")
 
 

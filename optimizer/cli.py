@@ -29,6 +29,7 @@ COMMANDS = {
     "bench": "bench",
     "reram-sweep": "reram_sweep",
     "sensitivity": "sensitivity",
+    "sweep": "sweep",
     "tune": "tune",
     "compare": "compare",
 }
@@ -62,7 +63,7 @@ def cli():
     \b
     optimize MODEL --pass NAME[:key=value,...] [--pass ...] -o OUT    run passes, verified after each one
     optimize passes                                                   list passes and their options
-    optimize inspect | run | bench | compare | sensitivity | tune | reram-sweep   see `optimize COMMAND --help`
+    optimize inspect | run | bench | compare | sensitivity | sweep | tune | reram-sweep   see `optimize COMMAND --help`
     """
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="optimize", standalone_mode=False)
+        code = cli.main(args=args, prog_name="optimize", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort as e:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for the "
                    "traceback)", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # click returns a command's Exit code instead of raising it
 
 
 if __name__ == "__main__":

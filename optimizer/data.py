@@ -238,7 +238,9 @@ def fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
     """The batch size that the model's inputs fix on axis 0, or None when it is open (or the inputs disagree).
 
     The batch axis is axis 0 of the inputs of rank >= 2 (of rank 1 when there are none): rank-0 and rank-1
-    side inputs (lengths, thresholds) carry no batch. `graph_inputs(model)` gives the inputs:
+    side inputs (lengths, thresholds) carry no batch. A model that names another axis the batch ("batch", "N":
+    a sequence-first [seq, batch, features] layout) has no fixed batch on axis 0. `graph_inputs(model)` gives
+    the inputs:
 
         >>> fixed_batch(graph_inputs(model))   # input "x": float[1, 128]
         1
@@ -249,8 +251,15 @@ def fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
     for dims in batched:
         if not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             return None
+        if any(_names_batch(d.dim_param) for d in list(dims)[1:]):
+            return None
         sizes.add(dims[0].dim_value)
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def _names_batch(dim_param: str) -> bool:
+    name = dim_param.lower()
+    return name == "n" or "batch" in name
 
 
 def feed_in_chunks(run, feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:

@@ -18,7 +18,15 @@ RUNTIMES = ("ort", "tvm", "reram")
 
 
 def load(name: str, model: onnx.ModelProto, **options) -> Session:
+    """`runtimes.<name>.load` on the normalised model (optimizer.normalize: IR < 4 weights, Constant-node weights,
+    constant subgraphs folded), so every runtime sees the form the passes and the report see.
+
+        >>> session = load("tvm", model, threads=1)
+        >>> session.run({"x": x})["y"]
+    """
     if name not in RUNTIMES:
         raise UsageError(f"unknown runtime {name!r}; available runtimes: {', '.join(RUNTIMES)}")
+    from optimizer.normalize import normalize
+
     module = importlib.import_module(f"runtimes.{name}")
-    return module.load(model, **options)
+    return module.load(normalize(model)[0], **options)  # the pipeline's load-time normalisation, for every runtime

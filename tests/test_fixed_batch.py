@@ -110,3 +110,9 @@ def test_run_and_inspect_chunk_a_fixed_batch(tmp_path, capsys):
     np.testing.assert_allclose(np.load(out)["y"], _reference(model, _samples()), rtol=1e-5, atol=1e-6)
     assert main(["inspect", str(path), "--calibration", str(data)]) == 0
     assert "relu" in capsys.readouterr().out
+
+
+def test_a_sequence_first_layout_has_no_fixed_batch_on_axis_0():
+    seq_first = helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, "batch", 5])
+    assert fixed_batch([seq_first]) is None
+    assert fixed_batch([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "sequence", 5])]) == 1

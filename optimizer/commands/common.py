@@ -31,6 +31,13 @@ def debug_option(f):
     return click.option("--debug", is_flag=True, help="show the full traceback on errors")(f)
 
 
+def sweep_options(f):
+    """--workers/--address for the commands whose trials run as sweep points (optimizer.sweep.engine)."""
+    f = click.option("--address", help="run the points on a running Ray cluster (see `optimize sweep`)")(f)
+    return click.option("--workers", type=int, default=1, show_default=True,
+                        help="points at a time: 1 runs here, N on a local Ray (the [dist] extra)")(f)
+
+
 def echo_notes(notes: list[str]) -> None:
     """Load-time normalisation notes (optimizer.normalize), one `note:` line each on stderr."""
     for note in notes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from optimizer.commands.common import check_paths, collect_runtime_options, debug_option, write_report
+from optimizer.commands.common import check_paths, collect_runtime_options, debug_option, sweep_options, write_report
 
 
 @click.command("reram-sweep")
@@ -20,8 +20,10 @@ from optimizer.commands.common import check_paths, collect_runtime_options, debu
 @click.option("--report", type=click.Path(dir_okay=False), help="write the sweep as JSON")
 @click.option("--reram", "reram_opts", multiple=True, metavar="k=v,...", help="reram runtime options")
 @click.option("--reram-config", type=click.Path(dir_okay=False), help="YAML file of reram options")
+@sweep_options
 @debug_option
-def command(model, eval_path, adc_bits, per_slice, plot, calibration, report, reram_opts, reram_config, debug):
+def command(model, eval_path, adc_bits, per_slice, plot, calibration, report, reram_opts, reram_config, workers,
+            address, debug):
     """Accuracy and ADC saturation of MODEL on the reram emulator against ADC resolution."""
     from optimizer.data import load_npz
     from optimizer.model import load_model
@@ -40,7 +42,8 @@ def command(model, eval_path, adc_bits, per_slice, plot, calibration, report, re
     if calibration:
         options["calibration"] = load_npz(calibration, proto)
     result = sweep(proto, evaluation, adc_bits=bits, options=options, per_slice=slice_plans,
-                   progress=lambda text: click.echo(f"reram-sweep: {text}…", err=True))
+                   progress=lambda text: click.echo(f"reram-sweep: {text}…", err=True), workers=workers,
+                   address=address)
     for line in table_lines(result):
         click.echo(line)
     if plot:

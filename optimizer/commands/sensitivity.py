@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from optimizer.commands.common import check_paths, debug_option, write_report
+from optimizer.commands.common import check_paths, debug_option, sweep_options, write_report
 
 
 @click.command("sensitivity")
@@ -19,8 +19,9 @@ from optimizer.commands.common import check_paths, debug_option, write_report
               help="auto | lsq | mean | none: refit after each trial cut, as structured-sparse does")
 @click.option("--calibration", type=click.Path(dir_okay=False), help=".npz for data-aware ranking and recovery")
 @click.option("--report", type=click.Path(dir_okay=False), help="write the result as JSON")
+@sweep_options
 @debug_option
-def command(model, eval_path, ratios, criterion, recover, calibration, report, debug):
+def command(model, eval_path, ratios, criterion, recover, calibration, report, workers, address, debug):
     """Prune each channel group alone and list the metric drop, worst first (candidates for exclude=)."""
     from optimizer.data import load_npz
     from optimizer.model import load_model
@@ -32,7 +33,7 @@ def command(model, eval_path, ratios, criterion, recover, calibration, report, d
     proto = load_model(model)
     cal = load_npz(calibration, proto) if calibration else None
     result = sensitivity(proto, load_npz(eval_path, proto), ratios=parsed, criterion=criterion, recover=recover,
-                         calibration=cal,
-                         progress=lambda text: click.echo(f"sensitivity: {text}…", err=True))
+                         calibration=cal, progress=lambda text: click.echo(f"sensitivity: {text}…", err=True),
+                         workers=workers, address=address)
     write_report(report, {"model": str(model), **result})
     print_sensitivity(result)

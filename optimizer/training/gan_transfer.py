@@ -168,7 +168,7 @@ class TransferConfig:
     |Dec(E(hq)) - hq|^2 + |Dec(t) - hq|^2 + feature_weight * |t - sg(E(hq))|^2, t = T(E(degrade(hq)), y)."""
 
     features: int = 16
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
     feature_weight: float = 1.0

@@ -71,7 +71,12 @@ class RecurrentHandler(Handler):
 
     def _silent_units(self, node: gs.Node, state: ChannelState, w: np.ndarray, r: np.ndarray,
                       b: np.ndarray | None, hidden: int) -> np.ndarray:
-        """Units whose output is 0 for every input: zero candidate-gate rows and bias, zero initial state."""
+        """Units whose output is 0 for every input: zero candidate-gate rows and bias, zero initial state, and
+        activations that map 0 to 0 (the defaults; a Sigmoid candidate would not)."""
+        activations = node.attrs.get("activations")
+        if activations and any((a.decode() if isinstance(a, bytes) else a) not in ("Tanh", "Relu")
+                               for a in activations[1 if self.gates > 1 else 0:]):
+            return np.zeros(hidden, dtype=bool)
         gate = slice(self.candidate * hidden, (self.candidate + 1) * hidden)
         silent = ~np.any(w[:, gate, :] != 0, axis=(0, 2)) & ~np.any(r[:, gate, :] != 0, axis=(0, 2))
         if b is not None:

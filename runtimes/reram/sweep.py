@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.errors import UsageError
+from optimizer.errors import RuntimeFailure, UsageError
 
 NOISE_OFF = {"variation": 0.0, "stuck_at": 0.0, "read_noise": 0.0, "on_off": "inf"}
 
@@ -58,9 +58,16 @@ def sweep(
     options: dict | None = None,
     progress: Callable[[str], None] | None = None,
     per_slice: list[tuple[int, ...]] = (),
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict:
     """Accuracy, saturation and energy for each ADC resolution, then for each per-slice plan in `per_slice`
-    (most significant slice first). `options` are reram options (strings or values)."""
+    (most significant slice first). `options` are reram options (strings or values).
+
+    The resolutions are the points of a sweep (optimizer.sweep.engine): `workers`/`address` run them on a local
+    Ray or a cluster, with the same result as in this process.
+    """
+    from optimizer.sweep.engine import execute
     from runtimes.reram import load
 
     if "labels" not in evaluation:
@@ -75,25 +82,16 @@ def sweep(
     reference = _ort_accuracy(model, evaluation)
     note("integer baseline (ideal ADCs, no device noise)")
     baseline = load(model, **{**options, **NOISE_OFF, "adc_bits": 0}).evaluate(evaluation)
-    points = []
-    for bits in [*adc_bits, *per_slice]:
-        note(f"ADC {bits} bits" if isinstance(bits, int) else f"ADC {','.join(map(str, bits))} bits (MSB first)")
-        runtime_bits = bits if isinstance(bits, int) else "/".join(map(str, reversed(bits)))
-        described = load(model, **{**options, "adc_bits": runtime_bits}).evaluate(evaluation)
-        point = {
-            "adc_bits": bits if isinstance(bits, int) else list(bits),
-            "accuracy": described["accuracy"],
-            "saturation_rate": described["saturation_rate"],
-            "saturated_conversions": described["saturated_conversions"],
-            "adc_conversions": described["adc_conversions"],
-            "energy_pj": described["energy_pj"]["total"],
-            "adc_energy_pj": described["energy_pj"].get("adc", 0.0),
-            "adc_area_mm2": described["adc_area_mm2"],
-            "pj_per_mac": described["pj_per_mac"],
-        }
-        if not isinstance(bits, int):
-            point["saturated_by_slice_msb_first"] = _saturated_by_slice(described, len(bits))
-        points.append(point)
+    outcome = execute(_point, [{"adc_bits": bits} for bits in [*adc_bits, *per_slice]],
+                      (model.SerializeToString(), evaluation, options), workers=workers, address=address,
+                      on_result=lambda index, result, done, total: note(_label(result["params"]["adc_bits"])))
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    for result in outcome.results:
+        if not result["ok"]:
+            raise RuntimeFailure(f"reram-sweep: {_label(result['params']['adc_bits'])}: {result['error']}")
+    points = [{k: v for k, v in result.items() if k not in ("params", "ok", "seconds")}
+              for result in outcome.results]
     return {
         "ort_accuracy": reference,
         "integer_baseline": baseline["accuracy"],
@@ -101,6 +99,34 @@ def sweep(
         "points": points,
         "settings": {k: v for k, v in baseline["settings"].items() if k not in NOISE_OFF and k != "adc_bits"},
     }
+
+
+def _label(bits: int | tuple[int, ...]) -> str:
+    return f"ADC {bits} bits" if isinstance(bits, int) else f"ADC {','.join(map(str, bits))} bits (MSB first)"
+
+
+def _point(inputs: tuple[bytes, dict, dict], params: dict) -> dict:
+    """One ADC resolution or per-slice plan on the emulator (a sweep point; module level so that Ray can send it)."""
+    from runtimes.reram import load
+
+    model, evaluation, options = inputs
+    bits = params["adc_bits"]
+    runtime_bits = bits if isinstance(bits, int) else "/".join(map(str, reversed(bits)))
+    described = load(onnx.load_from_string(model), **{**options, "adc_bits": runtime_bits}).evaluate(evaluation)
+    point = {
+        "adc_bits": bits if isinstance(bits, int) else list(bits),
+        "accuracy": described["accuracy"],
+        "saturation_rate": described["saturation_rate"],
+        "saturated_conversions": described["saturated_conversions"],
+        "adc_conversions": described["adc_conversions"],
+        "energy_pj": described["energy_pj"]["total"],
+        "adc_energy_pj": described["energy_pj"].get("adc", 0.0),
+        "adc_area_mm2": described["adc_area_mm2"],
+        "pj_per_mac": described["pj_per_mac"],
+    }
+    if not isinstance(bits, int):
+        point["saturated_by_slice_msb_first"] = _saturated_by_slice(described, len(bits))
+    return point
 
 
 def _saturated_by_slice(described: dict, slices: int) -> list[int]:

@@ -234,7 +234,7 @@ def print_tables(per_seed, references, diagnostics, diffs, seeds) -> None:
         print(f"  vs {name:<22} {cells}")
     print("\nthe paper's claim (70% HQ + LQ at least as good as the baselines) on digits, by the mean gain over seeds "
           "(accuracy higher, FID lower, diversity nearer 1):")
-    for name in BASELINES:
+    for name in [b for b in BASELINES if b in diffs]:
         verdict = [f"{metric} {'holds' if diffs[name][metric]['gain'] >= 0 else 'fails'}" for metric in METRICS]
         print(f"  vs {name:<22} " + ", ".join(verdict))
 
@@ -305,18 +305,22 @@ def main() -> None:
         "transfer_diagnostics": diagnostics,
         "differences": diffs,
         "export_max_abs_error": export_error,
-        "config": {"gan": {k: v for k, v in vars(config).items()}, "transfer_steps": transfer.steps,
+        "config": {"gan": vars(config), "transfer_steps": transfer.steps,
                    "degradation": vars(DEGRADATION), "hq_fraction": HQ_FRACTION, "per_class": PER_CLASS,
                    "quick": args.quick, "jobs": args.jobs},
         "seconds": total,
         "cpu_seconds": cpu,
         "load_average": os.getloadavg()[0],
     }
-    path = out / "gan_results.json"
+    print(f"wrote {write_json(summary, out / 'gan_results.json')}")
+
+
+def write_json(value: dict, path: Path) -> Path:
+    """Write `value` as JSON to `path` atomically (a temporary file, then a rename)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
-    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
