@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
+
+from optimizer.errors import UsageError
 
 
 def _pyplot():
@@ -18,6 +21,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """The `--plot` path, checked before any work: a .png name in a folder that exists (else UsageError).
+
+        check_plot_path("sweep.png")  # -> Path("sweep.png")
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--plot {path}: the plot is written as PNG; name a .png file")
+    if not path.resolve().parent.is_dir():
+        raise UsageError(f"--plot {path}: directory {path.parent} does not exist")
+    return path
 
 
 def png_bytes(figure, dpi: int = 100) -> bytes:

@@ -7,6 +7,7 @@ from typing import Any
 
 from optimizer.errors import UsageError
 from optimizer.io_json import atomic_path
+from optimizer.plots import check_plot_path
 from optimizer.sweep.spec import METRICS
 
 _FORMATS = {"accuracy": ".4f", "latency_ms": ".3f", "energy_pj": ",.0f", "latency_ns": ",.0f",
@@ -88,15 +89,6 @@ def print_table(result: dict, console=None) -> None:
             note = f"[red]failed:[/red] {point['error']}"
         table.add_row(str(index), *cells, *values, f"{point.get('seconds', 0):.2f}", note)
     (console or Console(highlight=False, width=160)).print(table)
-
-
-def check_plot_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--plot {path}: the plot is written as PNG; name a .png file")
-    if not path.resolve().parent.is_dir():
-        raise UsageError(f"--plot {path}: directory {path.parent} does not exist")
-    return path
 
 
 def write_plot(result: dict, path: str | Path, title: str = "") -> None:

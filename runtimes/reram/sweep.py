@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from optimizer.errors import RuntimeFailure, UsageError
+from optimizer.plots import check_plot_path
 
 NOISE_OFF = {"variation": 0.0, "stuck_at": 0.0, "read_noise": 0.0, "on_off": "inf"}
 
@@ -155,15 +156,6 @@ def table_lines(result: dict) -> list[str]:
             lines.append(f"per-slice ADC {','.join(map(str, p['adc_bits']))} (MSB first): saturated conversions per "
                          f"slice {p['saturated_by_slice_msb_first']}")
     return lines
-
-
-def check_plot_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--plot {path}: the plot is written as PNG; name a .png file")
-    if not path.resolve().parent.is_dir():
-        raise UsageError(f"--plot {path}: directory {path.parent} does not exist")
-    return path
 
 
 def write_plot(result: dict, path: str | Path, title: str = "") -> None:
