@@ -14,7 +14,8 @@ from optimizer.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUND_FLOOR = ["errors", "model", "normalize", "rnn", "data", "quant", "declines", "options", "io_json", "keys",
-                "ort_session", "verify", "timing", "plots", "morph", "report", "activation_stats", "paths", "overridable"]
+                "ort_session", "verify", "timing", "plots", "morph", "report", "activation_stats", "paths",
+                "overridable"]
 ABOVE = ("passes", "runtimes", "torch", "tvm")
 
 
