@@ -218,15 +218,19 @@ def _quantize_biases(edit, quantization: dict) -> None:
         codes = np.rint(bias.astype(np.float64) * np.exp2(fl))
         if np.abs(codes).max(initial=0) > quant.qmax(32):
             raise ModelError(f"layer {layer}: a bias code overflows int32 (bias too large for its grid)")
-        per_channel = fl.ndim == 1
-        scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
-        inputs = [edit.add_initializer(codes.astype(np.int32), f"{name}_quantized"),
-                  edit.add_initializer(scale, f"{name}_scale"),
-                  edit.add_initializer(np.zeros(scale.shape, np.int32), f"{name}_zero_point")]
-        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
-        edit.replace_uses(tensors[name], dequantized)
-        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/bias_DequantizeLinear",
-                      attrs={"axis": 0} if per_channel else None)
+        _dequantize_codes(edit, tensors[name], codes.astype(np.int32), fl, hint=f"{layer}/bias_DequantizeLinear")
+
+
+def _dequantize_codes(edit, tensor, codes: np.ndarray, fl: np.ndarray, *, hint: str) -> None:
+    """Every use of `tensor` reads DequantizeLinear(codes, 2^-fl, 0) instead: integer codes as an initializer
+    "<name>_quantized", a zero point of the codes' dtype, per-channel (axis 0) when `fl` is a vector."""
+    name = tensor.name
+    scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
+    inputs = [edit.add_initializer(codes, f"{name}_quantized"), edit.add_initializer(scale, f"{name}_scale"),
+              edit.add_initializer(np.zeros(scale.shape, codes.dtype), f"{name}_zero_point")]
+    dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
+    edit.replace_uses(tensor, dequantized)
+    edit.add_node("DequantizeLinear", inputs, [dequantized], hint=hint, attrs={"axis": 0} if fl.ndim == 1 else None)
 
 
 def _dequantize_magnitude_weights(proto: onnx.ModelProto, quantization: dict) -> onnx.ModelProto:
@@ -252,14 +256,7 @@ def _dequantize_magnitude_weights(proto: onnx.ModelProto, quantization: dict) ->
                                                             else fl))
         if np.abs(codes).max(initial=0) >= 1 << info["magnitude_bits"]:
             raise ModelError(f"layer {layer}: a weight code exceeds the {info['magnitude_bits']}-bit magnitude")
-        scale = np.exp2(-fl.astype(np.float64)).astype(np.float32)
-        inputs = [edit.add_initializer(codes.astype(np.int16), f"{name}_quantized"),
-                  edit.add_initializer(scale, f"{name}_scale"),
-                  edit.add_initializer(np.zeros(scale.shape, np.int16), f"{name}_zero_point")]
-        dequantized = edit.variable(f"{name}_dequantized", dtype=np.float32)
-        edit.replace_uses(tensors[name], dequantized)
-        edit.add_node("DequantizeLinear", inputs, [dequantized], hint=f"{layer}/weight_DequantizeLinear",
-                      attrs={"axis": 0} if per_channel else None)
+        _dequantize_codes(edit, tensors[name], codes.astype(np.int16), fl, hint=f"{layer}/weight_DequantizeLinear")
     return edit.to_model()
 
 
