@@ -99,6 +99,9 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
             raise error(f"{where}: graph input/output {value.name!r} has unknown element type code "
                         f"{value.type.tensor_type.elem_type}")
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in known:
+            raise error(f"{where}: initializer {tensor.name!r} has unknown element type code {tensor.data_type}")
     newest = onnx.defs.onnx_opset_version()
     if default_opset(model) > newest:
         raise error(f"{where}: opset {default_opset(model)} is newer than the newest this onnx supports ({newest}); "

@@ -66,3 +66,17 @@ def test_ort_logs_nothing_on_stderr_when_a_run_fails(tmp_path, capfd):
     err = capfd.readouterr().err
     line = _last_error(err)
     assert "onnxruntime" in line and "\x1b[" not in err and "[E:onnxruntime" not in err
+
+
+@pytest.mark.parametrize("command", ["inspect", "apply"])
+def test_initializer_with_an_unknown_element_type_is_a_model_error(command, tmp_path, monkeypatch, capsys):
+    # found by the long fuzz run: a flipped byte turned an overridable default's data_type into 94
+    monkeypatch.chdir(tmp_path)
+    model = _mlp()
+    model.graph.initializer[0].data_type = 94
+    onnx.save(model, tmp_path / "m.onnx")
+    args = {"inspect": ["inspect", "m.onnx"], "apply": ["m.onnx", "--pass", "cleanup", "-o", "o.onnx"]}[command]
+    assert main(args) == 2
+    name = model.graph.initializer[0].name
+    assert f"initializer {name!r} has unknown element type code 94" in _last_error(capsys.readouterr().err)
+    assert not (tmp_path / "o.onnx").exists()
