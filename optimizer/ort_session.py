@@ -11,8 +11,11 @@ import onnx
 from optimizer.errors import RuntimeFailure, first_line
 
 
-def ort_session(model: onnx.ModelProto, threads: int | None = None, *, what: str = "the model"):
-    """An onnxruntime CPU session for `model`; `threads` fixes the intra-op pool (one inter-op thread).
+def ort_session(model: onnx.ModelProto, threads: int | None = None, *, what: str = "the model",
+                basic_optimizations: bool = False):
+    """An onnxruntime CPU session for `model`; `threads` fixes the intra-op pool (one inter-op thread);
+    `basic_optimizations` stops ORT at its basic graph rewrites (no fusions), for runs that read intermediate
+    tensors and want them as the graph computes them.
 
     Raises RuntimeFailure naming `what` and onnxruntime's first message line when the model cannot be loaded."""
     import onnxruntime as ort
@@ -22,6 +25,8 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None, *, what: str
     ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    if basic_optimizations:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from optimizer.data import fixed_batch, graph_inputs
+from optimizer.ort_session import ort_session, run_outputs
 
 CHUNK = 16  # samples per run when the batch dimension is open
 
@@ -57,22 +58,10 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
-def session(model: onnx.ModelProto):
-    """An onnxruntime CPU session with basic graph optimizations (intermediate outputs stay computable)."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def stream(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], size: int = CHUNK
            ) -> Iterator[dict[str, np.ndarray]]:
     """Run the model over `feeds` chunk by chunk; yield {name: that chunk's tensor} for every name asked."""
     names = list(dict.fromkeys(names))
-    run = session(with_outputs(model, names))
+    session = ort_session(with_outputs(model, names), what="the activation-capture model", basic_optimizations=True)
     for chunk, real in calibration_chunks(model, feeds, size):
-        outputs = run.run(names, chunk)
-        yield {name: value[:real] for name, value in zip(names, outputs, strict=True)}
+        yield {name: value[:real] for name, value in run_outputs(session, chunk, names).items()}
