@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.errors import DataError, RuntimeFailure, UsageError
+from optimizer.errors import DataError, RuntimeFailure, UsageError, first_line
 
 LABELS = "labels"
 
@@ -130,9 +130,9 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"{path}: holds pickled Python objects; store plain numeric arrays") from None
-        raise DataError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable .npz file ({first_line(e, 200)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as e:
-        raise DataError(f"{path}: not a readable .npz file (truncated or corrupt: {_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable .npz file (truncated or corrupt: {first_line(e, 200)})") from None
 
 
 def check_values(data: dict[str, np.ndarray], where: str) -> None:
@@ -175,11 +175,6 @@ def _check_labels(labels: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: 'labels' holds non-integer values; give class indices (integers)")
     if labels.min() < 0:
         raise DataError(f"{where}: 'labels' holds negative values ({labels.min()}); give class indices >= 0")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def check_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:

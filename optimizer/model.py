@@ -39,7 +39,7 @@ def read_model(path: str | os.PathLike, *, notes: list[str] | None = None) -> tu
         if external:
             onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:  # protobuf raises DecodeError, onnx raises ValueError/FileNotFoundError for external data
-        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (empty or truncated file: no graph)")
     if not model.graph.output:
@@ -88,11 +88,11 @@ def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False
         else:
             onnx.checker.check_model(model, full_check=full)
     except shape_inference.InferenceError as e:
-        raise error(f"{where}: fails shape inference: {_first_line(e)}") from e
+        raise error(f"{where}: fails shape inference: {first_line(e)}") from e
     except onnx.checker.ValidationError as e:
-        raise error(f"{where}: fails the ONNX checker: {_first_line(e)}") from e
+        raise error(f"{where}: fails the ONNX checker: {first_line(e)}") from e
     except (UnicodeDecodeError, ValueError, TypeError, RuntimeError) as e:  # corrupt strings, bad enum values
-        raise error(f"{where}: fails the ONNX checker ({type(e).__name__}: {_first_line(e)})") from e
+        raise error(f"{where}: fails the ONNX checker ({type(e).__name__}: {first_line(e)})") from e
     _check_text(model.graph, where, error)
     known = set(onnx.TensorProto.DataType.values())
     for value in [*model.graph.input, *model.graph.output]:
@@ -134,11 +134,7 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = True,
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
     except (shape_inference.InferenceError, onnx.checker.ValidationError, UnicodeDecodeError, ValueError,
             RuntimeError) as e:
-        raise error(f"shape inference failed: {_first_line(e)}") from e
-
-
-def _first_line(error: Exception, limit: int = 300) -> str:
-    return first_line(error, limit)
+        raise error(f"shape inference failed: {first_line(e)}") from e
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:

@@ -39,7 +39,6 @@ MiB = 2**20
 # never folded: QDQ weights stay integer; random ops are not constants
 _NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
                "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
 
@@ -236,7 +235,7 @@ def quiet_third_party():
     slim_log = logging.getLogger("onnxslim")
     level = slim_log.level
     slim_log.setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)  # every Sculpt session logs errors only, too
+    ort.set_default_logger_severity(4)  # fatal only, as optimizer.ort_session sets it for every Sculpt session
     try:
         with contextlib.redirect_stdout(_Discard()):  # onnxslim prints progress to stdout
             yield

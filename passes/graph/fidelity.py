@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+from optimizer import verify
+from optimizer.model import FLOAT_TYPES
 
 
 def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
@@ -24,7 +25,7 @@ def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
             tensors += [(node.output[0], a.t) for a in node.attribute if a.name == "value"]
     total = embed = 0
     for name, t in tensors:
-        if t.data_type in _FLOATS:
+        if t.data_type in FLOAT_TYPES:
             size = int(np.prod(t.dims))
             total += size
             embed += size if name in tables else 0
@@ -42,7 +43,7 @@ def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
 def top1(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
     """Top-1 accuracy of the model's first output on `inputs` (fed in chunks the model accepts)."""
     logits = next(iter(_outputs(model, inputs).values()))
-    return float(np.mean(logits.reshape(len(logits), -1).argmax(-1) == labels.reshape(-1)[:len(logits)]))
+    return verify.top1(logits, labels.reshape(-1)[:len(logits)])
 
 
 def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
