@@ -16,13 +16,11 @@ from optimizer.errors import MissingDependency
 def load(model: onnx.ModelProto, **options):
     if importlib.util.find_spec("tvm") is None:
         raise MissingDependency("apache-tvm", "tvm")
-    from optimizer.normalize import normalize
     from runtimes.tvm.options import parse_options
     from runtimes.tvm.partition import PartitionedSession, unsupported_nodes
     from runtimes.tvm.session import TvmSession
 
-    parsed = parse_options(options)
-    model = normalize(model)[0]
+    parsed = parse_options(options)  # the model comes normalised from runtimes.load
     unsupported = unsupported_nodes(model)
     if unsupported:  # LSTM, GRU, If...: those parts run on ONNX Runtime
         return PartitionedSession(model, parsed, unsupported)
