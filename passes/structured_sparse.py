@@ -32,8 +32,17 @@ from passes.graph.ir import with_shapes
 from passes.graph.output_gain import output_gains, scaled
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
 from passes.graph.prune import kept_counts
-from passes.graph.selection import (STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle,
-                                    step)
+from passes.graph.selection import (
+    STATUS_PRUNED,
+    Decision,
+    Targets,
+    choose,
+    finish,
+    initial,
+    removed_roots,
+    settle,
+    step,
+)
 
 NAME = "structured-sparse"
 LANDING = 0.02  # a budget is met when the kept fraction lands this close to it

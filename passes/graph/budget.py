@@ -5,8 +5,8 @@ of every node is sliced along the axes that carry a pruned channel space (a Conv
 ungrouped, its input channels; a bias or per-channel scale by its channels), and every Conv/Gemm/MatMul's MACs
 scale with the kept fraction of the channels it produces and reduces. `allocate` ranks the removable units of
 all groups by sensitivity (the relative output error a removal causes, see `data_scores`) per share of the model
-it saves (weights and MACs together), and bisects on how many of that ranking to remove until the estimate meets the budget, with
-min_channels and round_to respected inside every trial.
+it saves (weights and MACs together), and bisects on how many of that ranking to remove until the estimate meets
+the budget, with min_channels and round_to respected inside every trial.
 
     >>> decisions = allocate(analysis, open_decisions, sens, cost, "params", 0.6, targets)   # doctest: +SKIP
 """

@@ -1,12 +1,13 @@
 """Output gain: how much of a group's local error reaches the model's outputs, measured once per group.
 
 The sensitivities of `data_scores` and `reconstruction` are relative errors at a group's consumers. The same
-number in an early, narrow layer and at the classifier's input does not hurt the outputs equally: a budget that
-ranks units by local error alone spares the early layers (where the MACs are) and takes everything from the
-last ones. So for every prunable group the lowest-ranked quarter of its units is removed (no refit) and the
-model runs on a few calibration samples; the group's gain is the relative squared error of the model's outputs (logits
-where a Softmax makes an output) divided by the relative squared error its consumers were predicted to see for those units (the activation
-sensitivity, sum of ||W[:, p]||^2 ||X_p||^2 / ||Y||^2). Budgets then rank units by sensitivity x gain.
+number in an early, narrow layer and at the classifier's input does not hurt the outputs equally: a budget
+that ranks units by local error alone spares the early layers (where the MACs are) and takes everything from
+the last ones. So for every prunable group the lowest-ranked quarter of its units is removed (no refit) and
+the model runs on a few calibration samples; the group's gain is the relative squared error of the model's
+outputs (logits where a Softmax makes an output) divided by the relative squared error its consumers were
+predicted to see for those units (the activation sensitivity, sum of ||W[:, p]||^2 ||X_p||^2 / ||Y||^2).
+Budgets then rank units by sensitivity x gain.
 
     >>> gains = output_gains(prepared, stats, scores, feeds)     # doctest: +SKIP
     >>> sens = {gid: s * gains.get(gid, 1.0) for gid, s in sens.items()}    # doctest: +SKIP
