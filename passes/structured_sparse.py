@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
@@ -90,12 +91,12 @@ class Attempt:
 
     analysis: Analysis
     decisions: list[Decision]
-    estimate: float | None
+    estimate: list[float] | None
     counts: dict
     model: onnx.ModelProto
     notes: dict
     recovery: object
-    budget: tuple[str, float] | None
+    budget: list[tuple[str, float]] | None
 
 
 @register
@@ -124,7 +125,8 @@ class StructuredSparse(Pass):
         )
         keep_params: float | None = option(None, "keep this fraction of the model's weights (0 < F <= 1): per-group "
                                                  "cuts chosen globally by sensitivity")
-        keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1)")
+        keep_macs: float | None = option(None, "keep this fraction of the model's MACs (0 < F <= 1); with keep_params "
+                                               "both budgets are met")
         max_drop: float | None = option(None, "with --eval labels: the largest keep_params cut (tried from 0.9 down to "
                                               "0.2) whose top-1 drop is at most this many points")
         embeddings: Literal["count", "exclude"] = option(
@@ -159,8 +161,6 @@ class StructuredSparse(Pass):
             if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise UsageError(f"pass {NAME}: option {key}={value!r} must be a fraction in (0, 1] (e.g. 0.6 keeps "
                                  "60%)")
-        if o.keep_params is not None and o.keep_macs is not None:
-            raise UsageError(f"pass {NAME}: give keep_params or keep_macs, not both")
         if o.max_drop is not None:
             if not isinstance(o.max_drop, (int, float)) or not o.max_drop >= 0:
                 raise UsageError(f"pass {NAME}: option max_drop={o.max_drop!r} must be a number of points >= 0")
@@ -260,7 +260,7 @@ class StructuredSparse(Pass):
         return PassResult(new_model, details, artifacts)
 
     def _attempt(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
-                 feeds, recover_mode: str, phases: Phases, wanted: tuple[str, float] | None) -> Attempt:
+                 feeds, recover_mode: str, phases: Phases, wanted: list[tuple[str, float]] | None) -> Attempt:
         """Select (by ratio or the budget `wanted`), remove and recover on `analysis` (which it consumes)."""
         with phases("selection"):
             decisions, estimate = self._decide(analysis, scores, sens, ctx, model, wanted)
@@ -288,7 +288,7 @@ class StructuredSparse(Pass):
         def trial(index: int) -> bool:
             fraction = MAX_DROP_GRID[index]
             attempt = self._attempt(analyze(prepared), scores, sens, ctx, model, feeds, recover_mode, phases,
-                                    ("params", fraction))
+                                    [("params", fraction)])
             accuracy = top1(attempt.model, inputs, evaluation["labels"])
             drop = round(100 * (base - accuracy), 4)
             tried.append({"keep_params": fraction, "weights_kept": round(count_params(attempt.model) /
@@ -310,16 +310,14 @@ class StructuredSparse(Pass):
             best = 0 if 0 in results else min(results)
         return results[best], tried
 
-    def _budget(self) -> tuple[str, float] | None:
+    def _budget(self) -> list[tuple[str, float]] | None:
         o = self.options
-        if o.keep_params is not None:
-            return "params", float(o.keep_params)
-        if o.keep_macs is not None:
-            return "macs", float(o.keep_macs)
-        return None
+        wanted = [(metric, float(value)) for metric, value in (("params", o.keep_params), ("macs", o.keep_macs))
+                  if value is not None]
+        return wanted or None
 
     def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
-                wanted: tuple[str, float] | None) -> tuple[list[Decision], float | None]:
+                wanted: list[tuple[str, float]] | None) -> tuple[list[Decision], list[float] | None]:
         o = self.options
         if self._plan is not None:
             return decisions_from_plan(analysis, self._plan, o.plan, scores), None
@@ -328,32 +326,39 @@ class StructuredSparse(Pass):
         targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=exact)
         if wanted is None:
             return choose(analysis, scores, targets, excluded), None
-        metric, fraction = wanted
+        shapes = {name: [1, *np.shape(value)[1:]] for name, value in (ctx.calibration or {}).items()} or None
 
-        def count(m: onnx.ModelProto) -> float:
+        def count(m: onnx.ModelProto, metric: str) -> float:
             if metric == "macs":
-                return float(model_stats(m)["macs"])
+                return float(model_stats(m, input_shapes=shapes)["macs"] or 0)
             total, tables = weight_counts(m)
             return float(total - tables if o.embeddings == "exclude" else total)
 
         prepared = analysis.view.source  # MACs of the input are counted once its Constant-node weights are folded
-        budget = Budget(metric, fraction, count(model) if metric == "params" else count(prepared), count(prepared))
-        if not budget.total:
-            what = "MACs" if metric == "macs" else "weights"
-            raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs need "
-                             "static shapes: give the inputs fixed spatial dims)")
+        budgets = []
+        for metric, fraction in wanted:
+            budget = Budget(metric, fraction, count(model if metric == "params" else prepared, metric),
+                            count(prepared, metric))
+            if not budget.total:
+                what = "MACs" if metric == "macs" else "weights"
+                raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs "
+                                 "need static shapes: give --calibration data or fixed spatial dims)")
+            budgets.append(budget)
         cost = CostModel(analysis, embeddings=o.embeddings == "count")
 
-        def allocated(aim: Targets) -> tuple[list[Decision], float]:
-            return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budget,
+        def allocated(aim: Targets) -> tuple[list[Decision], list[float]]:
+            return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budgets,
                             lambda ds: finish(analysis, ds, aim), o.min_channels, o.max_ratio,
                             {g.id: step(g, aim) for g in analysis.groups})
 
-        decisions, estimate = allocated(targets)
-        if o.round_to is None and abs(estimate - fraction) > LANDING:
+        def missed(reached: list[float]) -> bool:
+            return any(abs(r - b.fraction) > LANDING for r, b in zip(reached, budgets, strict=True))
+
+        decisions, estimates = allocated(targets)
+        if o.round_to is None and missed(estimates):
             # aligned widths are too coarse for this model to land the budget: free widths
-            decisions, estimate = allocated(Targets(o.ratio, o.scope, 1, o.min_channels, exact_only=exact))
-        return settle(decisions), estimate
+            decisions, estimates = allocated(Targets(o.ratio, o.scope, 1, o.min_channels, exact_only=exact))
+        return settle(decisions), estimates
 
     @staticmethod
     def _unchanged(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,7 +8,8 @@ all groups by sensitivity (the relative output error a removal causes, see `data
 it saves (weights and MACs together), and bisects on how many of that ranking to remove until the estimate meets
 the budget, with min_channels and round_to respected inside every trial.
 
-    >>> decisions = allocate(analysis, open_decisions, sens, cost, "params", 0.6, targets)   # doctest: +SKIP
+    >>> decisions, reached = allocate(analysis, open_ones, sens, cost, [Budget("params", 0.6, n, n)], finish)
+    ... # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -227,41 +228,48 @@ def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarr
     return ranked
 
 
-def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], cost: CostModel, budget: Budget,
-             finish, min_channels: int = 1, max_ratio: float = 1.0, steps: dict[int, int] | None = None
-             ) -> tuple[list, float]:
-    """Set `keep` of the open decisions so the estimated kept fraction meets the budget; returns the decisions
-    and that estimate. `finish(decisions)` applies round_to/min_channels and restores non-empty tensors."""
+def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], cost: CostModel,
+             budgets: list[Budget], finish, min_channels: int = 1, max_ratio: float = 1.0,
+             steps: dict[int, int] | None = None) -> tuple[list, list[float]]:
+    """Set `keep` of the open decisions so the estimated kept fractions meet every budget (weights and/or MACs);
+    returns the decisions and the estimate for each budget. `finish(decisions)` applies round_to/min_channels
+    and restores non-empty tensors."""
     open_ones = [d for d in decisions if d.group.prunable.any() and d.status == "unchanged"]
     candidates = {d.group.id: d.group.prunable for d in open_ones}
     savings = unit_savings(analysis, cost, candidates)
     ranked = _ranking(open_ones, sens, savings, min_channels, max_ratio, steps)
-    model_total = cost.params_total if budget.metric == "params" else cost.macs_total
 
-    def trial(count: int) -> float:
+    def trial(count: int) -> list[float]:
         for decision in open_ones:
             decision.keep[:] = True
         for _, d, units in ranked[:count]:
             open_ones[d].keep[units] = False
         finish(decisions)
         masks = cost.fractions({int(r) for x in decisions for r in x.group.roots[~x.keep]})
-        left = cost.params(masks) if budget.metric == "params" else cost.mac_count(masks)
-        return (budget.start - (model_total - left)) / budget.total
+        fractions = []
+        for budget in budgets:
+            total = cost.params_total if budget.metric == "params" else cost.macs_total
+            left = cost.params(masks) if budget.metric == "params" else cost.mac_count(masks)
+            fractions.append((budget.start - (total - left)) / budget.total)
+        return fractions
+
+    def over(fractions: list[float]) -> float:  # how far the worst budget is missed (<= 0: all met)
+        return max(f - b.fraction for f, b in zip(fractions, budgets, strict=True))
 
     low, high = 0, len(ranked)
-    if trial(high) > budget.fraction:
+    if over(trial(high)) > 0:
         return decisions, trial(high)
     while low < high:
         middle = (low + high) // 2
-        if trial(middle) <= budget.fraction:
+        if over(trial(middle)) <= 0:
             high = middle
         else:
             low = middle + 1
-    # the smallest cut that meets the budget, or one unit less when that lands closer to it
+    # the smallest cut that meets the budgets, or one unit less when that lands closer to them
     best = trial(low)
     if low > 0:
         under = trial(low - 1)
-        if abs(under - budget.fraction) < abs(best - budget.fraction) and under - budget.fraction < 0.01:
+        if abs(over(under)) < abs(over(best)) and over(under) < 0.01:
             return decisions, under
         best = trial(low)
     return decisions, best

@@ -60,7 +60,7 @@ def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
 
 
 def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict | None,
-                     evaluation: dict | None, estimate: float | None, budget: tuple[str, float] | None,
+                     evaluation: dict | None, estimate: list[float] | None, budget: list[tuple[str, float]] | None,
                      reference: dict[str, np.ndarray] | None = None, embeddings: bool = True) -> dict:
     """The model-level numbers of the pass report (see the module doc). MACs are counted on `prepared` (the input
     cleaned, so weights held in Constant nodes count) and on the pruned model."""
@@ -80,11 +80,16 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
         "macs_kept": round(macs_after / macs_before, 4) if macs_before else None,
     }
     if budget is not None:
-        metric, fraction = budget
-        summary["budget"] = {"metric": metric, "target": fraction,
-                             "estimated": None if estimate is None else round(float(estimate), 4),
-                             "reached": summary[("weights_kept" if embeddings else "weights_kept_without_embeddings")
-                                                if metric == "params" else "macs_kept"]}
+        entries = []
+        for index, (metric, fraction) in enumerate(budget):
+            reached = summary[("weights_kept" if embeddings else "weights_kept_without_embeddings")
+                              if metric == "params" else "macs_kept"]
+            entries.append({"metric": metric, "target": fraction,
+                            "estimated": None if estimate is None else round(float(estimate[index]), 4),
+                            "reached": reached})
+        summary["budget"] = entries[0]  # the weights budget when both are given
+        if len(entries) > 1:
+            summary["budgets"] = entries
     if feeds is not None:
         reference = reference if reference is not None else _outputs(model, feeds)
         summary["calibration"] = agreement(reference, _outputs(pruned, feeds))
