@@ -255,3 +255,78 @@ def test_sensitivity_runs_the_pass_algorithm_with_recovery(digits_assets):
              for name, result in (("plain", plain), ("refit", refit))}
     assert drops["plain"].keys() == drops["refit"].keys()
     assert sum(drops["refit"].values()) < sum(drops["plain"].values())
+
+
+def test_both_budgets_are_met_together(digits_assets):
+    model = onnx.load(digits_assets.model)
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:64]}
+    new, details, _ = _run_pass(model, calibration, keep_params=0.9, keep_macs=0.6)
+    summary = details["summary"]
+    assert [b["metric"] for b in summary["budgets"]] == ["params", "macs"]
+    assert summary["macs_kept"] <= 0.62 and summary["weights_kept"] <= 0.92  # the tighter one binds, both hold
+    from optimizer.report import model_stats
+
+    shapes = {"input": [1, *calibration["input"].shape[1:]]}
+    counted = model_stats(new, input_shapes=shapes)["macs"] / model_stats(model, input_shapes=shapes)["macs"]
+    assert abs(counted - summary["macs_kept"]) < 1e-3
+
+
+def test_max_ratio_caps_every_group_cut(digits_assets):
+    model = onnx.load(digits_assets.model)
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:64]}
+    _, details, _ = _run_pass(model, calibration, keep_macs=0.5, max_ratio=0.5)
+    for group in details["groups"]:
+        assert group["channels_after"] >= group["channels_before"] - int(0.5 * group["channels_before"])
+
+
+def _wide_resnet():
+    import torch
+    from sparse_families import ResNetLike, export
+
+    torch.manual_seed(0)
+    net = ResNetLike(widths=(32, 64), blocks=(1, 1), classes=10, imagenet_stem=False).eval()
+    return export(net, (1, 3, 16, 16))
+
+
+def test_round_to_auto_keeps_conv_widths_aligned_and_round_to_1_does_not(torch_one_thread):
+    model = _wide_resnet()
+    _, auto, _ = _run_pass(model, ratio=0.3)
+    _, free, _ = _run_pass(model, ratio=0.3, round_to=1)
+    for a, f in zip(auto["groups"], free["groups"], strict=True):
+        if a["status"] != "pruned":
+            continue
+        assert a["channels_after"] % 8 == 0 and a["channels_after"] >= f["channels_after"]
+        assert f["channels_after"] == a["channels_before"] - int(0.3 * a["channels_before"])  # 32 -> 23, 64 -> 45
+
+
+def test_output_gain_sees_a_branch_the_outputs_scale_down():
+    """Two identical branches, one multiplied by 1e-3 before the sum: the same local error reaches the output
+    1e6 times weaker (squared), and the measured gains say so."""
+    from passes.graph.data_scores import activation_scores, capture
+    from passes.graph.groups import analyze
+    from passes.graph.output_gain import output_gains
+    from passes.structured_sparse import prepare
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    for branch, scale in (("a", 1.0), ("b", 1e-3)):
+        w1, w2 = rng.standard_normal((8, 4, 1, 1)), rng.standard_normal((4, 8, 1, 1))
+        inits += [numpy_helper.from_array(w1.astype(np.float32), f"w1{branch}"),
+                  numpy_helper.from_array(w2.astype(np.float32), f"w2{branch}"),
+                  numpy_helper.from_array(np.float32(scale), f"s{branch}")]
+        nodes += [helper.make_node("Conv", ["x", f"w1{branch}"], [f"h{branch}"], name=f"c1{branch}"),
+                  helper.make_node("Relu", [f"h{branch}"], [f"r{branch}"]),
+                  helper.make_node("Conv", [f"r{branch}", f"w2{branch}"], [f"y{branch}"], name=f"c2{branch}"),
+                  helper.make_node("Mul", [f"y{branch}", f"s{branch}"], [f"z{branch}"])]
+    nodes.append(helper.make_node("Add", ["za", "zb"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
+    model = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"x": rng.standard_normal((16, 4, 6, 6)).astype(np.float32)}
+    analysis = analyze(model)
+    stats, _, _ = capture(analysis, model, feeds, False)
+    scores = {gid: s for gid, (s, _, _) in activation_scores(analysis, stats).items()}
+    gains = output_gains(model, stats, scores, feeds)
+    by_producer = {analysis.groups[gid].name: gain for gid, gain in gains.items()}
+    assert set(by_producer) == {"c1a", "c1b"}
+    assert by_producer["c1b"] < 1e-4 * by_producer["c1a"]
