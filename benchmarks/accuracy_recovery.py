@@ -72,15 +72,15 @@ def run_one(task, options: dict, reference: dict, base: float, rounds: int) -> s
     value = task.score(outputs(pruned, task.evaluation), reference)
     speed = latency_ratio(task.model, pruned, task.evaluation, rounds)
     label = f"ratio {options['ratio']}" if "ratio" in options else \
-        f"params {options['keep_params']}" if "keep_params" in options else f"macs {options['keep_macs']}"
-    return (f"{task.name:<18} {label:<10} {details['criterion']:<14} {details['recover']:<5} "
+        " ".join(f"{m} {options['keep_' + m]}" for m in ("params", "macs") if "keep_" + m in options)
+    return (f"{task.name:<18} {label:<17} {details['criterion']:<14} {details['recover']:<5} "
             f"{summary['weights_kept']:>6.3f} {summary['weights_kept_without_embeddings']:>7.3f} "
             f"{nan_if_none(summary['macs_kept']):>6.3f} {value:>7.4f} {100 * (value - base):>+7.2f} {speed:>6.2f}x "
             f"{seconds:>7.1f}"
             f"  {json.dumps(summary['phases'])}")
 
 
-HEADER = (f"{'model':<18} {'budget':<10} {'criterion':<14} {'recov':<5} {'w kept':>6} {'w/o emb':>7} "
+HEADER = (f"{'model':<18} {'budget':<17} {'criterion':<14} {'recov':<5} {'w kept':>6} {'w/o emb':>7} "
           f"{'MACs':>6} {'metric':>7} {'Δ pt':>7} {'speed':>7} {'pass s':>7}  phases (s)")
 
 
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.8,0.7,0.6")
     parser.add_argument("--grid", default="all", help="all, or comma list like l1:none,reconstruction:lsq")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--metric", default="params", choices=("params", "macs"), help="budget on weights or MACs")
+    parser.add_argument("--metric", default="params", choices=("params", "macs", "both"),
+                        help="budget on weights, MACs, or both (keep_params=B,keep_macs=B)")
     parser.add_argument("--embeddings", default="count", help="keep_params counts embedding tables, or exclude")
     args = parser.parse_args()
     import torch
@@ -106,13 +107,14 @@ def main() -> None:
     for task in tasks:
         reference = outputs(task.model, task.evaluation)
         base = task.score(reference, reference)
-        print(f"{task.name:<18} {'original':<10} {'':<14} {'':<5} {1:>6.3f} {1:>7.3f} {1:>6.3f} {base:>7.4f}"
+        print(f"{task.name:<18} {'original':<17} {'':<14} {'':<5} {1:>6.3f} {1:>7.3f} {1:>6.3f} {base:>7.4f}"
               f" ({task.metric})", flush=True)
         print(run_one(task, {"ratio": 0.3, "criterion": "l1", "recover": "none"}, reference, base, args.rounds),
               flush=True)
         for budget in budgets:
             for criterion, recover in grid:
-                options = {f"keep_{args.metric}": budget, "criterion": criterion, "recover": recover,
+                metrics = ("params", "macs") if args.metric == "both" else (args.metric,)
+                options = {**{f"keep_{m}": budget for m in metrics}, "criterion": criterion, "recover": recover,
                            "embeddings": args.embeddings}
                 print(run_one(task, options, reference, base, args.rounds), flush=True)
 
