@@ -40,6 +40,12 @@ class Handler:
     def prune(self, node: gs.Node, state: ChannelState, cut: Cut) -> None:
         """Slice the node's own parameters. The default suits ops that own none."""
 
+    def reconsider(self, node: gs.Node, state: ChannelState) -> bool:
+        """After a whole sweep: True when the node should be analysed again in its alternate layout (the next
+        sweep then has `state.in_alternate(node)`), because the first one left it nothing to prune. The
+        default suits ops with a single layout."""
+        return False
+
 
 def attr(node: gs.Node, name: str, default):
     return node.attrs.get(name, default)
