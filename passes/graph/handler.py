@@ -1,8 +1,9 @@
 """The interface every op handler implements, and what a handler is told when it is time to prune.
 
 A handler knows one op kind: how channels flow through it (`propagate`: spaces in, spaces out, ties, blocks,
-weights) and how it slices its own parameters once units are removed (`prune`). The table of handlers is in
-`handlers.py`.
+weights) and how it slices its own parameters once units are removed (`prune`); an op with two ways of carrying
+channels also says, after a sweep, whether its node needs the other one (`reconsider`). The table of handlers is
+in `handlers.py`.
 """
 
 from __future__ import annotations
