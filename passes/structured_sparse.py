@@ -29,11 +29,23 @@ from passes.graph.fidelity import fidelity_summary, weight_counts
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, summary
 from passes.graph.ir import with_shapes
+from passes.graph.output_gain import output_gains, scaled
 from passes.graph.plan import decisions_from_plan, plan_payload, read_plan
 from passes.graph.prune import kept_counts
-from passes.graph.selection import STATUS_PRUNED, Decision, Targets, choose, finish, initial, removed_roots, settle
+from passes.graph.selection import (
+    STATUS_PRUNED,
+    Decision,
+    Targets,
+    choose,
+    finish,
+    initial,
+    removed_roots,
+    settle,
+    step,
+)
 
 NAME = "structured-sparse"
+LANDING = 0.02  # a budget is met when the kept fraction lands this close to it
 MAX_DROP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
@@ -122,8 +134,13 @@ class StructuredSparse(Pass):
         recovery_stages: int = option(8, "at most this many sequential refit rounds (each runs the models once on "
                                          "the calibration data; layers beyond it are refitted in shared rounds)")
         scope: Literal["uniform", "global"] = option("uniform", "ratio per group, or one ranking across groups")
-        round_to: int = option(1, "keep a multiple of this many channels in each group")
+        round_to: int | None = option(None, "keep a multiple of this many channels in each group; auto (default): 8 "
+                                            "in Conv groups of 32 or more channels whose width is a multiple of 8 "
+                                            "(ONNX Runtime runs aligned widths much faster) unless that keeps a "
+                                            "budget from landing within 2 points, 1 elsewhere and for zero")
         min_channels: int = option(1, "keep at least this many channels in each group")
+        max_ratio: float = option(0.75, "with keep_params/keep_macs: remove at most this fraction of any group (a "
+                                        "group cut deeper loses more than the per-unit estimates predict)")
         exclude: str | None = option(None, "regex on the names of the nodes producing a group: matches are kept")
         plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)",
                                    file="read")
@@ -152,11 +169,15 @@ class StructuredSparse(Pass):
         if (o.keep_params is not None or o.keep_macs is not None) and o.criterion == "zero":
             raise UsageError(f"pass {NAME}: criterion=zero removes only exact channels; it takes no keep_params/"
                              "keep_macs budget")
+        if not isinstance(o.max_ratio, (int, float)) or not 0 < o.max_ratio <= 1:
+            raise UsageError(f"pass {NAME}: option max_ratio={o.max_ratio!r} must be a fraction in (0, 1]")
         if not isinstance(o.ridge, (int, float)) or not o.ridge > 0:
             raise UsageError(f"pass {NAME}: option ridge={o.ridge!r} must be a positive number")
         if o.scope not in ("uniform", "global"):
             raise UsageError(f"pass {NAME}: option scope={o.scope!r} is not one of uniform, global")
         for key in ("round_to", "min_channels", "recovery_stages"):
+            if key == "round_to" and o.round_to is None:
+                continue
             if not isinstance(getattr(o, key), int) or getattr(o, key) < 1:
                 raise UsageError(f"pass {NAME}: option {key}={getattr(o, key)!r} must be an integer >= 1")
         self._exclude = compile_regex(NAME, "exclude", o.exclude)
@@ -204,6 +225,8 @@ class StructuredSparse(Pass):
         with phases("selection"):
             scored, sens = importance(analysis, criterion, model, stats, grams)
             scores = {gid: s for gid, (s, _) in scored.items()}
+            if budgeted and stats is not None and criterion in DATA_CRITERIA:
+                sens = scaled(sens, output_gains(prepared, stats, scores, feeds))
         params_before = count_params(model)
         tried = None
         if o.max_drop is not None:
@@ -320,8 +343,16 @@ class StructuredSparse(Pass):
             raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs need "
                              "static shapes: give the inputs fixed spatial dims)")
         cost = CostModel(analysis, embeddings=o.embeddings == "count")
-        decisions, estimate = allocate(analysis, initial(analysis, scores, excluded), sens, cost,
-                                       budget, lambda ds: finish(analysis, ds, targets), o.min_channels)
+
+        def allocated(aim: Targets) -> tuple[list[Decision], float]:
+            return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budget,
+                            lambda ds: finish(analysis, ds, aim), o.min_channels, o.max_ratio,
+                            {g.id: step(g, aim) for g in analysis.groups})
+
+        decisions, estimate = allocated(targets)
+        if o.round_to is None and abs(estimate - fraction) > LANDING:
+            # aligned widths are too coarse for this model to land the budget: free widths
+            decisions, estimate = allocated(Targets(o.ratio, o.scope, 1, o.min_channels, exact_only=exact))
         return settle(decisions), estimate
 
     @staticmethod

@@ -4,9 +4,9 @@
 of every node is sliced along the axes that carry a pruned channel space (a Conv weight by its output and,
 ungrouped, its input channels; a bias or per-channel scale by its channels), and every Conv/Gemm/MatMul's MACs
 scale with the kept fraction of the channels it produces and reduces. `allocate` ranks the removable units of
-all groups by sensitivity (the relative output error a removal causes, see `data_scores`) per weight or MAC it
-saves, and bisects on how many of that ranking to remove until the estimate meets the budget, with
-min_channels and round_to respected inside every trial.
+all groups by sensitivity (the relative output error a removal causes, see `data_scores`) per share of the model
+it saves (weights and MACs together), and bisects on how many of that ranking to remove until the estimate meets
+the budget, with min_channels and round_to respected inside every trial.
 
     >>> decisions = allocate(analysis, open_decisions, sens, cost, "params", 0.6, targets)   # doctest: +SKIP
 """
@@ -177,10 +177,12 @@ class CostModel:
         return total
 
 
-def unit_savings(analysis: Analysis, cost: CostModel, metric: str, candidates: dict[int, np.ndarray]
-                 ) -> dict[int, np.ndarray]:
-    """group id -> what removing each candidate unit alone saves (weights or MACs), from the cost model."""
-    full = cost.params({}) if metric == "params" else cost.mac_count({})
+def unit_savings(analysis: Analysis, cost: CostModel, candidates: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """group id -> the share of the model that removing each candidate unit alone saves: its share of the weights
+    plus its share of the MACs (when MACs can be counted), so that a cut for either budget is ranked by what it
+    saves in both - a weight budget met only from the last, heavy-weight and light-compute layers would leave the
+    model as slow as before."""
+    params_full, macs_full = cost.params({}), cost.mac_count({})
     savings = {}
     for group in analysis.groups:
         if group.id not in candidates:
@@ -190,8 +192,10 @@ def unit_savings(analysis: Analysis, cost: CostModel, metric: str, candidates: d
         probe = int(np.flatnonzero(candidates[group.id])[0]) if candidates[group.id].any() else None
         if probe is not None:
             masks = cost.fractions({int(group.roots[probe])})
-            left = cost.params(masks) if metric == "params" else cost.mac_count(masks)
-            per_unit[:] = max(full - left, 1e-9)
+            share = (params_full - cost.params(masks)) / max(params_full, 1e-9)
+            if macs_full > 0:
+                share += (macs_full - cost.mac_count(masks)) / macs_full
+            per_unit[:] = max(share, 1e-12)
         savings[group.id] = per_unit
     return savings
 
@@ -207,38 +211,48 @@ class Budget:
     start: float
 
 
-def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarray], min_channels: int
-             ) -> list[tuple[float, int, int]]:
-    """(key, decision index, unit) over all open groups, cheapest first; a group's units come in its own
-    order (lowest score first) with keys made non-decreasing so that any prefix is a per-group prefix."""
+def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarray], min_channels: int,
+             max_ratio: float = 1.0, steps: dict[int, int] | None = None) -> list[tuple[float, int, list[int]]]:
+    """(key, decision index, units) over all open groups, cheapest first. A group's units come in its own order
+    (lowest score first), in chunks of its step (round_to) so that every prefix keeps aligned widths, with keys
+    made non-decreasing so that any prefix is a per-group prefix."""
     ranked = []
     for d, decision in enumerate(decisions):
-        candidates = decision.group.prunable
-        order = [int(i) for i in np.argsort(decision.scores, kind="stable") if candidates[i]]
-        order = order[: max(0, decision.group.channels - max(min_channels, 1))]
-        running = 0.0
-        for unit in order:
-            running = max(running, float(sens[decision.group.id][unit]) / float(savings[decision.group.id][unit]))
-            ranked.append((running, d, unit))
+        group = decision.group
+        multiple = (steps or {}).get(group.id, 1)
+        order = [int(i) for i in np.argsort(decision.scores, kind="stable") if group.prunable[i]]
+        limit = min(group.channels - max(min_channels, 1), math.floor(max_ratio * group.channels))
+        start = group.channels % multiple  # the first chunk makes the kept width a multiple of the step
+        chunks = [order[:start]] if start else []
+        chunks += [order[i:i + multiple] for i in range(start, len(order), multiple)]
+        running, taken = 0.0, 0
+        for chunk in chunks:
+            if not chunk or taken + len(chunk) > max(0, limit) or len(chunk) < multiple and chunk is not chunks[0]:
+                break
+            taken += len(chunk)
+            key = sum(float(sens[group.id][u]) for u in chunk) / sum(float(savings[group.id][u]) for u in chunk)
+            running = max(running, key)
+            ranked.append((running, d, chunk))
     ranked.sort(key=lambda item: item[0])
     return ranked
 
 
 def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], cost: CostModel, budget: Budget,
-             finish, min_channels: int = 1) -> tuple[list, float]:
+             finish, min_channels: int = 1, max_ratio: float = 1.0, steps: dict[int, int] | None = None
+             ) -> tuple[list, float]:
     """Set `keep` of the open decisions so the estimated kept fraction meets the budget; returns the decisions
     and that estimate. `finish(decisions)` applies round_to/min_channels and restores non-empty tensors."""
     open_ones = [d for d in decisions if d.group.prunable.any() and d.status == "unchanged"]
     candidates = {d.group.id: d.group.prunable for d in open_ones}
-    savings = unit_savings(analysis, cost, budget.metric, candidates)
-    ranked = _ranking(open_ones, sens, savings, min_channels)
+    savings = unit_savings(analysis, cost, candidates)
+    ranked = _ranking(open_ones, sens, savings, min_channels, max_ratio, steps)
     model_total = cost.params_total if budget.metric == "params" else cost.macs_total
 
     def trial(count: int) -> float:
         for decision in open_ones:
             decision.keep[:] = True
-        for _, d, unit in ranked[:count]:
-            open_ones[d].keep[unit] = False
+        for _, d, units in ranked[:count]:
+            open_ones[d].keep[units] = False
         finish(decisions)
         masks = cost.fractions({int(r) for x in decisions for r in x.group.roots[~x.keep]})
         left = cost.params(masks) if budget.metric == "params" else cost.mac_count(masks)

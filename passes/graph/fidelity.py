@@ -68,7 +68,10 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
 
     before, before_embed = weight_counts(model)
     after, after_embed = weight_counts(pruned)
-    macs_before, macs_after = model_stats(prepared)["macs"], model_stats(pruned)["macs"]
+    # dynamic dims take the calibration data's sizes (batch 1), as the analysis does
+    shapes = {name: [1, *np.shape(value)[1:]] for name, value in (feeds or {}).items()} or None
+    macs_before = model_stats(prepared, input_shapes=shapes)["macs"]
+    macs_after = model_stats(pruned, input_shapes=shapes)["macs"]
     summary = {
         "weights_kept": round(after / before, 4) if before else 1.0,
         "weights_kept_without_embeddings": round((after - after_embed) / (before - before_embed), 4)

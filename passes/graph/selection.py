@@ -32,15 +32,34 @@ class Decision:
 class Targets:
     ratio: float
     scope: str
-    round_to: int
+    round_to: int | None  # None: auto, see `step`
     min_channels: int
     exact_only: bool
 
 
-def _rounded_keep(n: int, keep: int, targets: Targets) -> int:
-    """`keep` raised to min_channels and rounded up to a multiple of round_to, never above n."""
+# ONNX Runtime's blocked (NCHWc) convolutions and vectorised GEMMs want widths that are multiples of 8: measured on
+# PP-LCNet (benchmarks/accuracy_recovery.py), a 30% cut with free widths ran 0.82x as fast as the original, the same
+# cut rounded to multiples of 8 1.40x
+ALIGN = 8
+
+
+def step(group, targets: Targets) -> int:
+    """The multiple a group keeps: round_to, or with round_to=auto ALIGN for Conv-made groups of at least
+    4 * ALIGN units whose width is already aligned (ORT's GEMMs run any width well; exact-only removal keeps
+    nothing extra, and scope=global removes exactly `ratio` of all channels), else 1."""
+    if targets.round_to is not None:
+        return targets.round_to
+    n = group.channels
+    convolutional = all(source.op in ("Conv", "ConvTranspose") for source in group.sources)
+    free = targets.exact_only or targets.scope == "global"
+    return ALIGN if not free and convolutional and n >= 4 * ALIGN and n % ALIGN == 0 else 1
+
+
+def _rounded_keep(group, keep: int, targets: Targets) -> int:
+    """`keep` raised to min_channels and rounded up to a multiple of the group's step, never above its width."""
     least = max(keep, targets.min_channels, 1)
-    return min(n, math.ceil(least / targets.round_to) * targets.round_to)
+    multiple = step(group, targets)
+    return min(group.channels, math.ceil(least / multiple) * multiple)
 
 
 def _remove_lowest(decision: Decision, candidates: np.ndarray, count: int) -> None:
@@ -51,7 +70,7 @@ def _remove_lowest(decision: Decision, candidates: np.ndarray, count: int) -> No
 def _round(decision: Decision, targets: Targets) -> None:
     """Give units back (best first) until the kept count is a multiple of round_to and at least min_channels."""
     kept = int(decision.keep.sum())
-    wanted = _rounded_keep(len(decision.keep), kept, targets)
+    wanted = _rounded_keep(decision.group, kept, targets)
     removed = [i for i in np.argsort(-decision.scores, kind="stable") if not decision.keep[i]]
     decision.keep[removed[: wanted - kept]] = True
 
@@ -103,7 +122,7 @@ def choose(
                 decision.why = "no channel of this group can be removed without changing the outputs"
         elif targets.scope == "uniform":
             n = group.channels
-            keep = _rounded_keep(n, n - int(math.floor(targets.ratio * n + 1e-9)), targets)
+            keep = _rounded_keep(group, n - int(math.floor(targets.ratio * n + 1e-9)), targets)
             _remove_lowest(decision, candidates, n - keep)
             _round(decision, targets)
     if targets.scope == "global" and not targets.exact_only:
