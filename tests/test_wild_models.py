@@ -178,7 +178,7 @@ def test_silent_hidden_units_are_removed_exactly(op, candidate, directions):
 # --- the ONNX Model Zoo graphs shipped inside the onnx package ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["light_squeezenet", "light_inception_v1"])
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_inception_v1", "light_shufflenet"])
 def test_light_zoo_models_clean_and_prune(name, tmp_path, capfd):
     source = LIGHT / f"{name}.onnx"
     cleaned, pruned = tmp_path / "clean.onnx", tmp_path / "pruned.onnx"

@@ -32,6 +32,7 @@ class _Constant:
     size: int
     dims: list[int]
     sliced: list[tuple[int, str]]  # (constant axis, tensor whose space slices it)
+    per_group: tuple[int, str, int] | None = None  # (axis, tensor, groups): the axis holds one group's share of it
 
 
 @dataclass
@@ -72,7 +73,10 @@ class CostModel:
             if not self.embeddings and node.op == "Gather" and index == 0:
                 continue
             sliced = self._sliced_axes(node, index, value, out, spaces)
-            self.constants[tensor.name] = _Constant(int(value.size), list(value.shape), sliced)
+            per_group = None
+            if node.op == "Conv" and index == 1 and self.analysis.state.in_alternate(node):
+                per_group = (1, node.inputs[0].name, attr(node, "group", 1))  # pruned channel by channel
+            self.constants[tensor.name] = _Constant(int(value.size), list(value.shape), sliced, per_group)
 
     def _sliced_axes(self, node, index, value, out, spaces) -> list[tuple[int, str]]:
         x = node.inputs[0].name if node.inputs else None
@@ -117,7 +121,8 @@ class CostModel:
             else:
                 in_shape = _static(view.shape(node.inputs[0]))
                 base = math.prod(in_shape or [0]) * math.prod(w.shape[1:])
-            scaled = [out, x] if attr(node, "group", 1) == 1 else [out]
+            reduces = attr(node, "group", 1) == 1 or self.analysis.state.in_alternate(node)
+            scaled = [out, x] if reduces else [out]
         elif node.op == "Gemm":
             b = view.input_constant(node, 1)
             a_shape = _static(view.shape(node.inputs[0]))
@@ -153,6 +158,11 @@ class CostModel:
                 mask = masks.get(tensor)
                 if mask is not None and len(mask) == dims[axis]:
                     dims[axis] = int(mask.sum())
+            if constant.per_group is not None:
+                axis, tensor, groups = constant.per_group
+                mask = masks.get(tensor)
+                if mask is not None and len(mask) == dims[axis] * groups:
+                    dims[axis] = int(mask.sum()) // groups
             total += math.prod(dims)
         return total
 

@@ -177,11 +177,16 @@ class ChannelState:
     consumers: list[ConsumerTerm] = field(default_factory=list)
     norms: list[NormScales] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
+    alternate: frozenset[str] = frozenset()  # first outputs of the nodes in their alternate layout (Handler.reconsider)
 
     def space(self, tensor: gs.Tensor | None) -> Space | None:
         if tensor is None or not tensor.name:
             return None
         return self.spaces.get(tensor.name)
+
+    def in_alternate(self, node: gs.Node) -> bool:
+        """Whether this sweep analyses `node` in its handler's alternate layout."""
+        return bool(node.outputs) and node.outputs[0].name in self.alternate
 
     def set_space(self, node: gs.Node, tensor: gs.Tensor, space: Space, role: str = "passes") -> None:
         self.spaces[tensor.name] = space

@@ -82,9 +82,22 @@ class Analysis:
 
 
 def analyze(model: onnx.ModelProto) -> Analysis:
-    """Run every node's handler in topological order, block what reaches a graph output, build the groups."""
+    """Run every node's handler in topological order, block what reaches a graph output, build the groups.
+
+    A handler may ask for a second sweep with its node in an alternate layout (`Handler.reconsider`: a grouped
+    Conv whose whole-group units all merged is then pruned channel by channel); one more sweep settles it.
+    """
     view = GraphView(model)
-    state = ChannelState(view)
+    state = _sweep(view, frozenset())
+    alternate = frozenset(n.outputs[0].name for n in view.nodes
+                          if n.outputs and handler_for(n, view.opset).reconsider(n, state))
+    if alternate:
+        state = _sweep(view, alternate)
+    return Analysis(view, state, _build_groups(state), structure_fingerprint(view))
+
+
+def _sweep(view: GraphView, alternate: frozenset[str]) -> ChannelState:
+    state = ChannelState(view, alternate=alternate)
     for node in view.nodes:
         handler = handler_for(node, view.opset)
         try:
@@ -97,7 +110,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
         if space is not None:
             output = Decline(tensor.name, "graph output", "graph-output", "a graph output keeps its shape")
             state.block(space.ids, output)
-    return Analysis(view, state, _build_groups(state), structure_fingerprint(view))
+    return state
 
 
 def _build_groups(state: ChannelState) -> list[Group]:

@@ -1,8 +1,9 @@
 """The interface every op handler implements, and what a handler is told when it is time to prune.
 
 A handler knows one op kind: how channels flow through it (`propagate`: spaces in, spaces out, ties, blocks,
-weights) and how it slices its own parameters once units are removed (`prune`). The table of handlers is in
-`handlers.py`.
+weights) and how it slices its own parameters once units are removed (`prune`); an op with two ways of carrying
+channels also says, after a sweep, whether its node needs the other one (`reconsider`). The table of handlers is
+in `handlers.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class Handler:
 
     def prune(self, node: gs.Node, state: ChannelState, cut: Cut) -> None:
         """Slice the node's own parameters. The default suits ops that own none."""
+
+    def reconsider(self, node: gs.Node, state: ChannelState) -> bool:
+        """After a whole sweep: True when the node should be analysed again in its alternate layout (the next
+        sweep then has `state.in_alternate(node)`), because the first one left it nothing to prune. The
+        default suits ops with a single layout."""
+        return False
 
 
 def attr(node: gs.Node, name: str, default):

@@ -50,6 +50,26 @@ def _tie_groups(state: ChannelState, node: gs.Node, in_space: Space | None, out_
         state.tie_all(np.concatenate([g_in, g_out]), node, why)
 
 
+def _align_groups(state: ChannelState, node: gs.Node, in_space: Space | None, out_space: Space,
+                  weight: np.ndarray, groups: int) -> None:
+    """Grouped convolution channel by channel: every group must stay equally wide, so output position m of every
+    group is one unit, and so is input position l of every group; the input channels are reduced (a consumer).
+
+    With 2 groups of 3 inputs and 2 outputs: input units {0, 3}, {1, 4}, {2, 5}; output units {0, 2}, {1, 3}.
+    """
+    why = "a grouped convolution keeps every group equally wide (the same position goes in every group)"
+    for column in out_space.ids.reshape(groups, -1).T:
+        state.tie_all(column, node, why)
+    if in_space is None:
+        return
+    for column in in_space.ids.reshape(groups, -1).T:
+        state.tie_all(column, node, why)
+    per_group = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+    silent = ~np.any(per_group != 0, axis=(1, 3)).reshape(-1)
+    state.consumers.append(ConsumerTerm(node.name, node.inputs[0].name, silent, _no_padding(node, weight)))
+    state.member(node, node.inputs[0], "consumes")
+
+
 def _grouped_values(
     weight: np.ndarray, bias: np.ndarray, in_values: np.ndarray | None, groups: int, no_padding: bool
 ) -> np.ndarray:
@@ -71,9 +91,34 @@ def _grouped_values(
     return values
 
 
+def _reduced_inputs(node: gs.Node, weight: np.ndarray, bias: np.ndarray, groups: int, cut: Cut
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(weight, bias, folded) once the removed input channels are gone: each group's weight loses the columns of
+    its removed inputs (the same number in every group), and a removed input that is one constant everywhere is
+    folded into the bias of its group's outputs. groups == 1 is an ordinary convolution."""
+    positions, constants = cut.removed_constants(node.inputs[0])
+    cout, width = weight.shape[0], weight.shape[1]
+    folded = bool(len(positions))
+    if folded:
+        taps = weight.reshape(cout, width, -1).sum(axis=2)  # [Cout, Cin/group]
+        same_group = (np.arange(cout) // (cout // groups))[:, None] == (positions // width)[None, :]
+        bias = (bias + np.where(same_group, taps[:, positions % width], 0) @ constants).astype(weight.dtype)
+        if not _no_padding(node, weight):
+            cut.note(node, f"folded the constants of {len(positions)} removed input channels into the bias; "
+                           "inexact at the zero-padded border")
+    keep_in = cut.keep(node.inputs[0])
+    if keep_in is not None:
+        per_group = weight.reshape(groups, cout // groups, width, *weight.shape[2:])
+        weight = np.concatenate([w[:, keep] for w, keep in zip(per_group, keep_in.reshape(groups, width),
+                                                                  strict=True)])
+    return weight, bias, folded
+
+
 class ConvHandler(Handler):
     """Conv (1-D/2-D/3-D). Output channels are created; input channels are reduced (group == 1) or tied to
-    their output group (grouped and depthwise convolutions, pruned in whole groups)."""
+    their output group (grouped and depthwise convolutions, pruned in whole groups). A grouped Conv whose whole
+    groups all end up in one unit (a channel shuffle before it ties channel j of every group) is analysed again
+    channel by channel instead (`_align_groups`): every group loses the same positions and keeps its group count."""
 
     op_types = ("Conv",)
 
@@ -98,8 +143,21 @@ class ConvHandler(Handler):
         in_values = in_space.values if in_space is not None else None
         values = _grouped_values(weight, bias, in_values, groups, _no_padding(node, weight))
         out_space = state.produce(node, node.outputs[0], 1, cout, values, weight=weight, weight_axis=0)
+        if state.in_alternate(node):
+            _align_groups(state, node, in_space, out_space, weight, groups)
+            return
         _tie_groups(state, node, in_space, out_space, groups, cin)
         state.member(node, x, "ties")
+
+    def reconsider(self, node: gs.Node, state: ChannelState) -> bool:
+        """A grouped (not depthwise) Conv whose output channels all fell into one unit, or only into blocked
+        ones: whole groups cannot go, so it is analysed channel by channel."""
+        space, weight = state.space(node.outputs[0]), state.view.input_constant(node, 1)
+        if attr(node, "group", 1) == 1 or space is None or weight is None or weight.shape[1] == 1 \
+                or state.in_alternate(node):
+            return False
+        roots = np.unique(state.atoms.roots(space.ids))
+        return len(roots) == 1 or all(state.atoms.reasons(int(r)) for r in roots)
 
     def prune(self, node: gs.Node, state: ChannelState, cut: Cut) -> None:
         view = state.view
@@ -109,20 +167,8 @@ class ConvHandler(Handler):
         keep_in, keep_out = cut.keep(node.inputs[0]), cut.keep(node.outputs[0])
         groups = attr(node, "group", 1)
         folded = False
-        if groups == 1:
-            positions, constants = cut.removed_constants(node.inputs[0])
-            if len(positions):
-                taps = weight[:, positions].reshape(weight.shape[0], len(positions), -1).sum(axis=2)
-                bias = (bias + taps @ constants).astype(weight.dtype)
-                folded = True
-                if not _no_padding(node, weight):
-                    cut.note(
-                        node,
-                        f"folded the constants of {len(positions)} removed input channels into the bias; "
-                        "inexact at the zero-padded border",
-                    )
-            if keep_in is not None:
-                weight = weight[:, keep_in]
+        if groups == 1 or state.in_alternate(node):
+            weight, bias, folded = _reduced_inputs(node, weight, bias, groups, cut)
         elif keep_out is not None:
             node.attrs["group"] = int(keep_out.reshape(groups, -1)[:, 0].sum())
         if keep_out is not None:
