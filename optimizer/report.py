@@ -61,6 +61,7 @@ class Shapes:
                  input_shapes: Mapping[str, Sequence[int]] | None = None):
         self.unknown = ""
         self._shapes: dict[str, list[int]] = {}
+        self._twins: dict[str, onnx.NodeProto] = {}  # node name -> the node in the folded graph
         specialised, self.unknown = _specialise(model, batch, input_shapes or {})
         if specialised is None:
             return
@@ -79,9 +80,26 @@ class Shapes:
                 self._shapes[value.name] = [d.dim_value for d in dims]
         for tensor in graph.initializer:
             self._shapes[tensor.name] = list(tensor.dims)
+        # folding may rename a node's tensors (an Identity or a folded BatchNorm goes), so a node of the model
+        # also finds its shapes through its namesake in the folded graph
+        self._twins = {node.name: node for node in graph.node if node.name}
 
     def of(self, name: str) -> list[int] | None:
         return self._shapes.get(name)
+
+    def output_of(self, node: onnx.NodeProto, index: int = 0) -> list[int] | None:
+        return self._of_port(node, index, "output")
+
+    def input_of(self, node: onnx.NodeProto, index: int = 0) -> list[int] | None:
+        return self._of_port(node, index, "input")
+
+    def _of_port(self, node: onnx.NodeProto, index: int, kind: str) -> list[int] | None:
+        names = getattr(node, kind)
+        shape = self._shapes.get(names[index]) if len(names) > index else None
+        twin = self._twins.get(node.name) if shape is None and node.name else None
+        if twin is not None and twin.op_type == node.op_type and len(getattr(twin, kind)) > index:
+            shape = self._shapes.get(getattr(twin, kind)[index])
+        return shape
 
 
 def _specialise(model: onnx.ModelProto, batch: int, input_shapes: Mapping[str, Sequence[int]]
@@ -112,23 +130,23 @@ def _specialise(model: onnx.ModelProto, batch: int, input_shapes: Mapping[str, S
 
 
 def _macs(node: onnx.NodeProto, weight: np.ndarray | None, shapes: Shapes) -> int | None:
-    out = shapes.of(node.output[0]) if node.output else None
+    out = shapes.output_of(node) if node.output else None
     if node.op_type in RECURRENT_GATES:
-        data = shapes.of(node.input[0])
+        data = shapes.input_of(node, 0)
         return None if data is None or weight is None else recurrent_macs(node, data, weight.shape)
     if out is None:
         return None
     if node.op_type == "Conv":
         return math.prod(out) * math.prod(weight.shape[1:])
     if node.op_type == "ConvTranspose":
-        inp = shapes.of(node.input[0])
+        inp = shapes.input_of(node, 0)
         return None if inp is None else math.prod(inp) * math.prod(weight.shape[1:])
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        b = list(weight.shape) if weight is not None else shapes.of(node.input[1])
+        b = list(weight.shape) if weight is not None else shapes.input_of(node, 1)
         return None if b is None else math.prod(out) * (b[1] if trans_b else b[0])
     if node.op_type == "MatMul":
-        a = shapes.of(node.input[0])
+        a = shapes.input_of(node, 0)
         return None if not a else math.prod(out) * a[-1]
     return None
 

@@ -104,6 +104,23 @@ def test_unknown_dims_say_why_and_calibration_sizes_fill_them():
     assert model_stats(model, input_shapes={"x": (32, 20, 16)})["macs"] == 20 * (16 * 32 + 32 * 8)
 
 
+def test_macs_survive_folding_that_renames_a_layers_output():
+    """A Conv whose output goes through an Identity into a Shape-driven Reshape: folding the dynamic shape
+    drops the Identity and renames the Conv's output, and the layer must still find its shape."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Identity", ["c"], ["i"], name="id"),
+             helper.make_node("Shape", ["i"], ["s"], name="shape", end=2),
+             helper.make_node("Concat", ["s", "minus1"], ["target"], name="cat", axis=0),
+             helper.make_node("Reshape", ["i", "target"], ["y"], name="flat")]
+    minus1 = numpy_helper.from_array(np.array([-1], np.int64), "minus1")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, minus1])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert model_stats(model, input_shapes={"x": (1, 3, 6, 10)})["macs"] == 8 * 6 * 10 * 27
+
+
 @pytest.mark.parametrize("op, gates", [("RNN", 1), ("GRU", 3), ("LSTM", 4)])
 def test_recurrent_macs_count_every_gate_step_and_direction(op, gates):
     directions = 2 if op == "LSTM" else 1
