@@ -351,8 +351,9 @@ class StructuredSparse(Pass):
                             lambda ds: finish(analysis, ds, aim), o.min_channels, o.max_ratio,
                             {g.id: step(g, aim) for g in analysis.groups})
 
-        def missed(reached: list[float]) -> bool:
-            return any(abs(r - b.fraction) > LANDING for r, b in zip(reached, budgets, strict=True))
+        def missed(reached: list[float]) -> bool:  # landed: none over, and the binding one within LANDING
+            gaps = [r - b.fraction for r, b in zip(reached, budgets, strict=True)]
+            return max(gaps) > LANDING or max(gaps) < -LANDING
 
         decisions, estimates = allocated(targets)
         if o.round_to is None and missed(estimates):
