@@ -272,6 +272,25 @@ def test_channel_count_read_at_run_time_blocks_the_group():
     assert "channel count it reads" in str(group.reasons()[0])
 
 
+def test_a_flatten_that_slices_only_the_batch_from_the_shape_leaves_the_group_prunable():
+    """Shape -> Cast -> Slice [0:1] -> Concat [-1] -> Reshape (a flatten with a dynamic batch) reads the batch,
+    not the channel count; the Gemm after it is an ordinary consumer and pruning equals the zeroed twin."""
+    b = GraphBuilder(("n", 3, 4, 4))
+    w = b.weight(6, 3, 3, 3)
+    w[[1, 4]] = 0  # two silent filters (no bias): exactly removable
+    h = b.op("Relu", [b.conv("input", 3, 6, weight=w, use_bias=False, name="conv1")])
+    batch = b.op("Slice", [b.op("Cast", [b.op("Shape", [h])], to=7), b.const(np.array([0])), b.const(np.array([1])),
+                           b.const(np.array([0]))])
+    flat = b.op("Reshape", [h, b.op("Concat", [batch, b.const(np.array([-1]))], axis=0)])
+    model = b.model([b.op("Gemm", [flat, b.const(b.weight(96, 5)), b.const(b.weight(5))])], [("n", 5)])
+    group = next(g for g in analyze(model).groups if g.name == "conv1")
+    assert group.prunable.all()
+    new, details, _ = prune(model, criterion="zero")
+    assert group_named(details, "conv1")["channels_after"] == 4
+    feeds = {"input": np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)}
+    assert relative_change(run(model, feeds), run(new, feeds)) < 1e-6
+
+
 def test_residual_with_a_graph_input_blocks_the_group():
     b = GraphBuilder((1, 3, 8, 8))
     h = b.op("Relu", [b.op("Add", ["input", b.conv("input", 3, 3, name="conv1")])])

@@ -197,13 +197,27 @@ class ShapeHandler(Handler):
 
     @staticmethod
     def _ignores(consumer: gs.Node, state: ChannelState, index: int, length: int) -> bool:
-        """True when `consumer` only picks entries of the shape other than `index`."""
-        if consumer.op != "Gather" or attr(consumer, "axis", 0) != 0:
-            return False
-        picked = state.view.constant(consumer.inputs[1])
-        if picked is None:
-            return False
-        return not np.any(np.where(picked < 0, picked + length, picked) == index)
+        """True when `consumer` only picks entries of the shape other than `index` (a Gather of other indices,
+        a Slice of a range without it: a flatten's `Shape -> Slice [0:1] -> Concat [-1]` reads the batch only),
+        looking through a Cast."""
+        view = state.view
+        if consumer.op == "Cast":
+            return all(ShapeHandler._ignores(c, state, index, length) for c in consumer.outputs[0].outputs)
+        if consumer.op == "Gather" and attr(consumer, "axis", 0) == 0:
+            picked = view.constant(consumer.inputs[1])
+            return picked is not None and not np.any(np.where(picked < 0, picked + length, picked) == index)
+        if consumer.op == "Slice" and len(consumer.inputs) >= 3:
+            bounds = [view.constant(t) for t in consumer.inputs[1:]]
+            if any(b is None for b in bounds) or any(np.size(b) != 1 for b in bounds):
+                return False
+            start, end = (int(np.ravel(b)[0]) for b in bounds[:2])
+            axis = int(np.ravel(bounds[2])[0]) if len(bounds) > 2 else 0
+            step = int(np.ravel(bounds[3])[0]) if len(bounds) > 3 else 1
+            if axis not in (0, -1) or step != 1:
+                return False
+            start, end = (max(0, min(length, v + length if v < 0 else v)) for v in (start, end))
+            return not start <= index < end
+        return False
 
 
 class SizeHandler(Handler):
