@@ -319,6 +319,7 @@ class StructuredSparse(Pass):
     def _decide(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
                 wanted: list[tuple[str, float]] | None) -> tuple[list[Decision], list[float] | None]:
         o = self.options
+        measured = self._resolve(ctx)[0] in DATA_CRITERIA
         if self._plan is not None:
             return decisions_from_plan(analysis, self._plan, o.plan, scores), None
         excluded = self._excluded(analysis, ctx)
@@ -349,7 +350,7 @@ class StructuredSparse(Pass):
         def allocated(aim: Targets) -> tuple[list[Decision], list[float]]:
             return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budgets,
                             lambda ds: finish(analysis, ds, aim), o.min_channels, o.max_ratio,
-                            {g.id: step(g, aim) for g in analysis.groups})
+                            {g.id: step(g, aim) for g in analysis.groups}, measured)
 
         def missed(reached: list[float]) -> bool:  # landed: none over, and the binding one within LANDING
             gaps = [r - b.fraction for r, b in zip(reached, budgets, strict=True)]

@@ -178,9 +178,10 @@ class CostModel:
         return total
 
 
-def unit_savings(analysis: Analysis, cost: CostModel, candidates: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+def unit_savings(analysis: Analysis, cost: CostModel, candidates: dict[int, np.ndarray],
+                 metrics: tuple[str, ...] = ("params", "macs")) -> dict[int, np.ndarray]:
     """group id -> the share of the model that removing each candidate unit alone saves: its share of the weights
-    plus its share of the MACs (when MACs can be counted), so that a cut for either budget is ranked by what it
+    plus its share of the MACs (when MACs can be counted; `metrics` names the shares counted), so that a cut for either budget is ranked by what it
     saves in both - a weight budget met only from the last, heavy-weight and light-compute layers would leave the
     model as slow as before."""
     params_full, macs_full = cost.params({}), cost.mac_count({})
@@ -193,8 +194,10 @@ def unit_savings(analysis: Analysis, cost: CostModel, candidates: dict[int, np.n
         probe = int(np.flatnonzero(candidates[group.id])[0]) if candidates[group.id].any() else None
         if probe is not None:
             masks = cost.fractions({int(group.roots[probe])})
-            share = (params_full - cost.params(masks)) / max(params_full, 1e-9)
-            if macs_full > 0:
+            share = 0.0
+            if "params" in metrics:
+                share += (params_full - cost.params(masks)) / max(params_full, 1e-9)
+            if "macs" in metrics and macs_full > 0:
                 share += (macs_full - cost.mac_count(masks)) / macs_full
             per_unit[:] = max(share, 1e-12)
         savings[group.id] = per_unit
@@ -240,13 +243,16 @@ def _ranking(decisions, sens: dict[int, np.ndarray], savings: dict[int, np.ndarr
 
 def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], cost: CostModel,
              budgets: list[Budget], finish, min_channels: int = 1, max_ratio: float = 1.0,
-             steps: dict[int, int] | None = None) -> tuple[list, list[float]]:
+             steps: dict[int, int] | None = None, measured: bool = True) -> tuple[list, list[float]]:
     """Set `keep` of the open decisions so the estimated kept fractions meet every budget (weights and/or MACs);
     returns the decisions and the estimate for each budget. `finish(decisions)` applies round_to/min_channels
-    and restores non-empty tensors."""
+    and restores non-empty tensors. With `measured` sensitivities (calibration data, output gains) units are
+    ranked by what they save in weights and MACs together; with norm-based ones only by the budgets' own
+    metrics (a norm cannot tell which early, compute-heavy layer may lose channels)."""
     open_ones = [d for d in decisions if d.group.prunable.any() and d.status == "unchanged"]
     candidates = {d.group.id: d.group.prunable for d in open_ones}
-    savings = unit_savings(analysis, cost, candidates)
+    metrics = ("params", "macs") if measured else tuple(dict.fromkeys(b.metric for b in budgets))
+    savings = unit_savings(analysis, cost, candidates, metrics)
     ranked = _ranking(open_ones, sens, savings, min_channels, max_ratio, steps)
 
     def trial(count: int) -> list[float]:
