@@ -181,9 +181,9 @@ class CostModel:
 def unit_savings(analysis: Analysis, cost: CostModel, candidates: dict[int, np.ndarray],
                  metrics: tuple[str, ...] = ("params", "macs")) -> dict[int, np.ndarray]:
     """group id -> the share of the model that removing each candidate unit alone saves: its share of the weights
-    plus its share of the MACs (when MACs can be counted; `metrics` names the shares counted), so that a cut for either budget is ranked by what it
-    saves in both - a weight budget met only from the last, heavy-weight and light-compute layers would leave the
-    model as slow as before."""
+    plus its share of the MACs (when MACs can be counted; `metrics` names the shares counted), so that a cut for
+    either budget is ranked by what it saves in both - a weight budget met only from the last, heavy-weight and
+    light-compute layers would leave the model as slow as before."""
     params_full, macs_full = cost.params({}), cost.mac_count({})
     savings = {}
     for group in analysis.groups:
