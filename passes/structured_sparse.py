@@ -133,7 +133,7 @@ class StructuredSparse(Pass):
             "count", "whether keep_params counts embedding tables (Gather data, which channel pruning cannot shrink "
                      "along the vocabulary) among the model's weights")
         ridge: float = option(1e-5, "ridge of the least-squares recovery, relative to the mean input energy")
-        recovery_stages: int = option(8, "at most this many sequential refit rounds (each runs the models once on "
+        recovery_stages: int = option(16, "at most this many sequential refit rounds (each runs the models once on "
                                          "the calibration data; layers beyond it are refitted in shared rounds)")
         scope: Literal["uniform", "global"] = option("uniform", "ratio per group, or one ranking across groups")
         round_to: int | None = option(None, "keep a multiple of this many channels in each group; auto (default): 8 "
