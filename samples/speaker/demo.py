@@ -67,8 +67,8 @@ def prune_like(model: onnx.ModelProto, groups: list[dict], calibration: dict) ->
     for group in pruned:
         others = [re.escape(p) for g in groups if g is not group for p in g["producers"]]
         ratio = (group["channels_before"] - group["channels_after"]) / group["channels_before"]
-        options = {"criterion": BASELINE_CRITERION, "recover": BASELINE_RECOVER, "ratio": ratio,
-                   "exclude": f"^({'|'.join(others)})$"}
+        options = {"criterion": BASELINE_CRITERION, "recover": BASELINE_RECOVER, "ratio": ratio, "round_to": 1,
+                   "exclude": f"^({'|'.join(others)})$"}  # round_to=1: exactly the widths the exact pass left
         specs.append(("structured-sparse", options))
     return optimizer.optimize(model, passes=specs, calibration=calibration)
 
