@@ -132,7 +132,9 @@ class StructuredSparse(Pass):
         embeddings: Literal["count", "exclude"] = option(
             "count", "whether keep_params counts embedding tables (Gather data, which channel pruning cannot shrink "
                      "along the vocabulary) among the model's weights")
-        ridge: float = option(1e-5, "ridge of the least-squares recovery, relative to the mean input energy")
+        ridge: float | None = option(None, "ridge of the least-squares recovery, relative to the mean input energy; "
+                                           "auto (default): each layer picks one of 1e-5 ... 1e-1 by two-fold "
+                                           "cross-validation on the calibration samples")
         recovery_stages: int = option(16, "at most this many sequential refit rounds (each runs the models once on "
                                          "the calibration data; layers beyond it are refitted in shared rounds)")
         scope: Literal["uniform", "global"] = option("uniform", "ratio per group, or one ranking across groups")
@@ -171,7 +173,7 @@ class StructuredSparse(Pass):
                              "keep_macs budget")
         if not isinstance(o.max_ratio, (int, float)) or not 0 < o.max_ratio <= 1:
             raise UsageError(f"pass {NAME}: option max_ratio={o.max_ratio!r} must be a fraction in (0, 1]")
-        if not isinstance(o.ridge, (int, float)) or not o.ridge > 0:
+        if o.ridge is not None and (not isinstance(o.ridge, (int, float)) or not o.ridge > 0):
             raise UsageError(f"pass {NAME}: option ridge={o.ridge!r} must be a positive number")
         if o.scope not in ("uniform", "global"):
             raise UsageError(f"pass {NAME}: option scope={o.scope!r} is not one of uniform, global")

@@ -96,7 +96,7 @@ def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats
     return scored, sens
 
 
-def remove_and_recover(analysis: Analysis, removed: set[int], feeds: dict | None, mode: str, ridge: float,
+def remove_and_recover(analysis: Analysis, removed: set[int], feeds: dict | None, mode: str, ridge: float | None,
                        stages: int) -> tuple[onnx.ModelProto, dict[str, list[str]], Recovery | None]:
     """Remove the units (`analysis` serves one removal) and, unless mode is none, refit the layers that read
     them against the analysed model's outputs on `feeds`. Returns (model, per-node notes, recovery or None)."""

@@ -8,10 +8,13 @@ reads a pruned channel space, the new weight and bias solve
 where Z_pruned are L's input rows (im2col for Conv) taken from the PRUNED model, already refitted up to L, and
 Y_original is L's output in the ORIGINAL model. Layers are fitted in stages along the graph (a layer never
 shares a stage with one it depends on), so a layer downstream sees what its refitted predecessors really give
-and errors do not pile up. Z^T Z and Z^T Y are accumulated in float64 over calibration chunks, so memory is
-the Gram matrices plus one chunk. The ridge pulls towards the pruned weights W_0, so a layer with fewer rows
-than unknowns stays close to what it was (said in a warning). `mode="mean"` keeps every weight and refits the
-bias only: what the removed channels contributed on average (and any drift) is folded into it.
+and errors do not pile up. Z^T Z and Z^T Y are accumulated in float64 over calibration chunks, so memory is the
+Gram matrices plus one chunk. The ridge pulls towards the pruned weights W_0, so a layer with fewer rows than
+unknowns stays close to what it was (said in a warning). With `ridge=None` each layer picks its ridge from
+RIDGES by two-fold cross-validation (the statistics are kept per half of the calibration samples): an exactly
+redundant cut keeps the smallest, a fit that would chase 64 samples gets a stronger one. `mode="mean"` keeps
+every weight and refits the bias only: what the removed channels contributed on average (and any drift) is
+folded into it.
 
     >>> model, layers = recover(original, pruned, ["conv2"], keep, feeds)   # doctest: +SKIP
 """
@@ -31,6 +34,7 @@ from passes.graph.linear import LinearLayer, layer_from_node, row_sample
 
 RIDGE = 1e-5       # relative to the mean diagonal of Z^T Z
 RIDGE_FEW_ROWS = 1e-2
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # tried by cross-validation when no ridge is given
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Normal:
 
     def add(self, z: np.ndarray, y: np.ndarray) -> None:
         """z [rows, G, d], y [rows, G, m] (float64)."""
+        if not len(z):
+            return
         ones = np.ones(z.shape[:2] + (1,))
         za = np.concatenate([z, ones], axis=2).transpose(1, 0, 2)  # [G, rows, d+1]
         yt = y.transpose(1, 0, 2)
@@ -55,6 +61,9 @@ class Normal:
         self.zy += za.transpose(0, 2, 1) @ yt
         self.yy += float(np.einsum("ij,ij->", y.reshape(len(y), -1), y.reshape(len(y), -1)))
         self.rows += len(z)
+
+    def __add__(self, other: Normal) -> Normal:
+        return Normal(self.zz + other.zz, self.zy + other.zy, self.yy + other.yy, self.rows + other.rows)
 
     def error(self, w: np.ndarray) -> float:
         """sum ||Z W - Y||^2 for W [G, d+1, m]."""
@@ -229,10 +238,11 @@ def _stages(model: onnx.ModelProto, layers: list[LinearLayer]) -> list[list[Line
 
 
 def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
-                feeds: dict, size: int, rng: np.random.Generator) -> list[Normal]:
-    """Normal equations of every layer of a stage: inputs from the pruned model, targets from the original, both
-    models cut down by onnxruntime to what the stage needs."""
-    stats: list[Normal | None] = [None] * len(stage)
+                feeds: dict, size: int, rng: np.random.Generator) -> list[tuple[Normal, Normal]]:
+    """Normal equations of every layer of a stage, in two halves (even and odd calibration samples; rows
+    alternately where a row is not a whole sample): inputs from the pruned model, targets from the original,
+    both models cut down by onnxruntime to what the stage needs."""
+    stats: list[list[Normal] | None] = [None] * len(stage)
     samples = len(next(iter(feeds.values())))
     inputs = activations.stream(pruned, feeds, [layer.x for layer in stage], size)
     targets = activations.stream(original, feeds, [layer.y for layer in stage], size)
@@ -240,13 +250,25 @@ def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[
         for i, layer in enumerate(stage):
             x, y = x_chunk[layer.x], y_chunk[layer.y]
             per_sample = layer.op == "Conv" and x.ndim > 2
-            for xs, ys in (((x[j:j + 1], y[j:j + 1]) for j in range(len(x))) if per_sample else [(x, y)]):
+            for j, (xs, ys) in enumerate(((x[j:j + 1], y[j:j + 1]) for j in range(len(x))) if per_sample
+                                         else [(x, y)]):
                 z, t = layer.rows(xs), layer.targets(ys, keep.get(layer.node))
                 z, t = row_sample(z, len(xs), samples, rng, (t,))
                 if stats[i] is None:
-                    stats[i] = Normal.empty(z.shape[1], z.shape[2], t.shape[2])
-                stats[i].add(z, t)
-    return stats
+                    stats[i] = [Normal.empty(z.shape[1], z.shape[2], t.shape[2]) for _ in range(2)]
+                if per_sample:
+                    stats[i][j % 2].add(z, t)
+                else:
+                    stats[i][0].add(z[0::2], t[0::2])
+                    stats[i][1].add(z[1::2], t[1::2])
+    return [(halves[0], halves[1]) for halves in stats]
+
+
+def cross_validated_ridge(halves: tuple[Normal, Normal], w0: np.ndarray, candidates=RIDGES) -> float:
+    """The candidate ridge whose fit on one half best predicts the other (both ways, errors summed)."""
+    a, b = halves
+    errors = [b.error(solve(a, w0, r)) + a.error(solve(b, w0, r)) for r in candidates]
+    return candidates[int(np.argmin(errors))]
 
 
 def merge_stages(stages: list[list[LinearLayer]], limit: int) -> list[list[LinearLayer]]:
@@ -259,7 +281,7 @@ def merge_stages(stages: list[list[LinearLayer]], limit: int) -> list[list[Linea
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str], keep: dict[str, np.ndarray],
-            feeds: dict[str, np.ndarray], *, mode: str = "lsq", ridge: float = RIDGE, size: int = 16,
+            feeds: dict[str, np.ndarray], *, mode: str = "lsq", ridge: float | None = RIDGE, size: int = 16,
             max_stages: int = 64, progress: Callable[[str], None] | None = None) -> Recovery:
     """Refit `layers` (node names, the same in both models) of `pruned` stage by stage; see the module doc.
 
@@ -278,18 +300,27 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str
     return Recovery(model, report, warnings)
 
 
-def _fit_one(model, index, layer: LinearLayer, normal: Normal, mode: str, ridge: float, warnings: list[str]
-             ) -> Fitted:
+def _fit_one(model, index, layer: LinearLayer, halves: tuple[Normal, Normal], mode: str, ridge: float | None,
+             warnings: list[str]) -> Fitted:
+    normal = halves[0] + halves[1]
     unknowns = normal.zz.shape[1]
-    entry = Fitted(layer.node, layer.op, normal.rows, unknowns, ridge=ridge)
-    if mode == "lsq" and normal.rows < unknowns:
-        entry.ridge = max(ridge, RIDGE_FEW_ROWS)
+    few = mode == "lsq" and normal.rows < unknowns
+    if ridge is None:  # cross-validated below, once w0 is known
+        chosen = None
+    else:
+        chosen = max(ridge, RIDGE_FEW_ROWS) if few else ridge
+    entry = Fitted(layer.node, layer.op, normal.rows, unknowns, ridge=chosen if chosen is not None else RIDGE)
+    w0 = layer.weights()
+    if chosen is None:
+        candidates = tuple(r for r in RIDGES if r >= RIDGE_FEW_ROWS) if few else RIDGES
+        usable = mode == "lsq" and halves[0].rows and halves[1].rows
+        entry.ridge = cross_validated_ridge(halves, w0, candidates) if usable else candidates[0]
+    if few:
         warnings.append(
             f"recovery of {layer.op} {layer.node}: {normal.rows} calibration rows for {unknowns} unknowns per "
             f"output; fitted with a stronger ridge ({entry.ridge:g}) towards the pruned weights - give more "
             "calibration samples for a better fit"
         )
-    w0 = layer.weights()
     scale = max(normal.yy, 1e-30)
     entry.error_before = float(np.sqrt(normal.error(w0) / scale))
     w = solve(normal, w0, entry.ridge, mode)
