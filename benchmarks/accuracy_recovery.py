@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from passes import PassContext  # noqa: E402
-from passes.graph.activations import stream  # noqa: E402
+from passes.graph.activations import collect  # noqa: E402
 from passes.structured_sparse import StructuredSparse  # noqa: E402
 
 GRID = [("l1", "none"), ("l1", "lsq"), ("activation", "none"), ("activation", "lsq"), ("reconstruction", "none"),
@@ -33,9 +33,7 @@ GRID = [("l1", "none"), ("l1", "lsq"), ("activation", "none"), ("activation", "l
 
 
 def outputs(model, feeds) -> dict:
-    names = [o.name for o in model.graph.output]
-    chunks = list(stream(model, feeds, names))
-    return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+    return collect(model, feeds)
 
 
 def digits_task(name: str):

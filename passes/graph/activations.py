@@ -65,3 +65,14 @@ def stream(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str
     session = ort_session(with_outputs(model, names), what="the activation-capture model", basic_optimizations=True)
     for chunk, real in calibration_chunks(model, feeds, size):
         yield {name: value[:real] for name, value in run_outputs(session, chunk, names).items()}
+
+
+def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str] | None = None,
+            size: int = CHUNK) -> dict[str, np.ndarray]:
+    """`stream` gathered whole: {name: the tensor over all of `feeds`}; names default to the graph outputs."""
+    names = list(dict.fromkeys(names if names is not None else [o.name for o in model.graph.output]))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for chunk in stream(model, feeds, names, size):
+        for name in names:
+            parts[name].append(chunk[name])
+    return {name: np.concatenate(values) for name, values in parts.items()}

@@ -14,6 +14,7 @@ import onnx
 
 from optimizer import verify
 from optimizer.model import FLOAT_TYPES
+from passes.graph import activations
 
 
 def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
@@ -32,17 +33,9 @@ def weight_counts(model: onnx.ModelProto) -> tuple[int, int]:
     return total, embed
 
 
-def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from passes.graph import activations
-
-    names = [o.name for o in model.graph.output]
-    chunks = list(activations.stream(model, feeds, names))
-    return {n: np.concatenate([c[n] for c in chunks]) for n in names}
-
-
 def top1(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
     """Top-1 accuracy of the model's first output on `inputs` (fed in chunks the model accepts)."""
-    logits = next(iter(_outputs(model, inputs).values()))
+    logits = next(iter(activations.collect(model, inputs).values()))
     return verify.top1(logits, labels.reshape(-1)[:len(logits)])
 
 
@@ -91,11 +84,11 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
         if len(entries) > 1:
             summary["budgets"] = entries
     if feeds is not None:
-        reference = reference if reference is not None else _outputs(model, feeds)
-        summary["calibration"] = agreement(reference, _outputs(pruned, feeds))
+        reference = reference if reference is not None else activations.collect(model, feeds)
+        summary["calibration"] = agreement(reference, activations.collect(pruned, feeds))
     if evaluation is not None:
         inputs = {k: v for k, v in evaluation.items() if k != "labels"}
-        ref, new = _outputs(model, inputs), _outputs(pruned, inputs)
+        ref, new = activations.collect(model, inputs), activations.collect(pruned, inputs)
         entry = agreement(ref, new)
         labels = evaluation.get("labels")
         if labels is not None:

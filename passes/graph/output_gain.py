@@ -49,14 +49,6 @@ def measured_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    parts = {name: [] for name in names}
-    for chunk in activations.stream(model, feeds, names):
-        for name in names:
-            parts[name].append(chunk[name])
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
 def output_gains(prepared: onnx.ModelProto, stats, scores: dict[int, np.ndarray], feeds: dict[str, np.ndarray],
                  samples: int = PROBE_SAMPLES) -> dict[int, float]:
     """group id -> output gain (see the module doc), for every prunable group whose probe predicts an error;
@@ -66,7 +58,7 @@ def output_gains(prepared: onnx.ModelProto, stats, scores: dict[int, np.ndarray]
     take = min(samples, len(next(iter(feeds.values()))))
     subset = {name: value[:take] for name, value in feeds.items()}
     names = measured_tensors(prepared)
-    wanted = _run(prepared, subset, names)
+    wanted = activations.collect(prepared, subset, names)
     gains = {}
     for group in analysis.groups:
         candidates = np.flatnonzero(group.prunable)
@@ -79,7 +71,7 @@ def output_gains(prepared: onnx.ModelProto, stats, scores: dict[int, np.ndarray]
             continue
         probe = analyze(prepared)  # an Analysis serves one removal; analyze is deterministic, so ids match
         pruned, _ = apply_removal(probe, {int(probe.groups[group.id].roots[u]) for u in units})
-        gains[group.id] = _relative_error(wanted, _run(pruned, subset, names)) / predicted
+        gains[group.id] = _relative_error(wanted, activations.collect(pruned, subset, names)) / predicted
     return gains
 
 
