@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--metric", default="params", choices=("params", "macs", "both"),
                         help="budget on weights, MACs, or both (keep_params=B,keep_macs=B)")
-    parser.add_argument("--embeddings", default="count", help="keep_params counts embedding tables, or exclude")
+    parser.add_argument("--embeddings", default="factor", help="embedding tables: factor (cut by rank), count, exclude")
     args = parser.parse_args()
     import torch
 

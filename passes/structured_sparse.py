@@ -24,8 +24,9 @@ from passes.base import compile_regex
 from passes.cleanup import cleanup_model
 from passes.graph.budget import Budget, CostModel, allocate
 from passes.graph.calibrated import DATA_CRITERIA, Phases, importance, remove_and_recover
-from passes.graph.data_scores import capture
+from passes.graph.data_scores import activation_scores, capture
 from passes.graph.edit import GraphEdit
+from passes.graph.embedding_factor import FactoredTable, embedding_scores, factor_embeddings, merge_unsaved
 from passes.graph.fidelity import fidelity_summary, weight_counts
 from passes.graph.groups import Analysis, analyze
 from passes.graph.importance import CRITERIA, summary
@@ -129,9 +130,12 @@ class StructuredSparse(Pass):
                                                "both budgets are met")
         max_drop: float | None = option(None, "with --eval labels: the largest keep_params cut (tried from 0.9 down to "
                                               "0.2) whose top-1 drop is at most this many points")
-        embeddings: Literal["count", "exclude"] = option(
-            "count", "whether keep_params counts embedding tables (Gather data, which channel pruning cannot shrink "
-                     "along the vocabulary) among the model's weights")
+        embeddings: Literal["factor", "count", "exclude"] = option(
+            "factor", "embedding tables (a Gather's V x D data): factor = counted among the weights, and a budget "
+                      "(keep_params/keep_macs/max_drop) may cut their rank (an SVD makes the table U*S -> MatMul "
+                      "Vt and the weakest singular directions go; a rank that saves nothing is multiplied back; "
+                      "ratio leaves tables whole), count = counted but left whole, exclude = left whole and not "
+                      "counted by keep_params")
         ridge: float | None = option(None, "ridge of the least-squares recovery, relative to the mean input energy; "
                                            "auto (default): each layer picks one of 1e-5 ... 1e-1 by two-fold "
                                            "cross-validation on the calibration samples")
@@ -217,24 +221,34 @@ class StructuredSparse(Pass):
         phases = Phases()
         criterion, recover_mode, feeds = self._resolve(ctx)
         with phases("analysis"):
-            prepared = prepare(model)
-            analysis = analyze(prepared)
+            cleaned = prepare(model)
             budgeted = self._budget() is not None or o.max_drop is not None
+            # a rank cut costs more accuracy than its share of the weights suggests: only a budget may spend it
+            factor = o.embeddings == "factor" and budgeted
+            prepared, tables = factor_embeddings(cleaned) if factor else (cleaned, [])
+            analysis = analyze(prepared)
             needs_grams = criterion == "reconstruction" or budgeted
             uses_data = criterion in DATA_CRITERIA or budgeted
             stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) \
                 if feeds is not None and uses_data else (None, [], None)
         with phases("selection"):
             scored, sens = importance(analysis, criterion, model, stats, grams)
+            measured = activation_scores(analysis, stats) if stats is not None and tables else {}
+            for gid, singular in embedding_scores(analysis, tables).items():
+                scored[gid] = (singular, "an embedding table's rank: ranked by singular value, not refitted")
+                local = measured[gid][1] if gid in measured else None
+                sens[gid] = local if local is not None and local.any() else singular / max(singular.mean(), 1e-30)
             scores = {gid: s for gid, (s, _) in scored.items()}
             if budgeted and stats is not None and criterion in DATA_CRITERIA:
                 sens = scaled(sens, output_gains(prepared, stats, scores, feeds))
         params_before = count_params(model)
         tried = None
         if o.max_drop is not None:
-            attempt, tried = self._search_max_drop(prepared, scores, sens, ctx, model, feeds, recover_mode, phases)
+            attempt, tried = self._search_max_drop(prepared, scores, sens, ctx, model, feeds, recover_mode, phases,
+                                                   tables, cleaned)
         else:
-            attempt = self._attempt(analysis, scores, sens, ctx, model, feeds, recover_mode, phases, self._budget())
+            attempt = self._attempt(analysis, scores, sens, ctx, model, feeds, recover_mode, phases, self._budget(),
+                                    tables, cleaned)
         analysis, decisions, estimate, counts = attempt.analysis, attempt.decisions, attempt.estimate, attempt.counts
         new_model, notes, recovery = attempt.model, attempt.notes, attempt.recovery
         for text in recovery.warnings if recovery is not None else []:
@@ -250,7 +264,7 @@ class StructuredSparse(Pass):
             phases=phases.rounded(),
         )
         details["summary"].update(fidelity_summary(model, prepared, new_model, feeds, ctx.evaluation, estimate,
-                                                    attempt.budget, reference, o.embeddings == "count"))
+                                                    attempt.budget, reference, o.embeddings != "exclude"))
         if recovery is not None:
             details["recovery"] = [layer.entry() for layer in recovery.layers]
         if not any(d.group.prunable.any() for d in decisions):
@@ -262,8 +276,10 @@ class StructuredSparse(Pass):
         return PassResult(new_model, details, artifacts)
 
     def _attempt(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
-                 feeds, recover_mode: str, phases: Phases, wanted: list[tuple[str, float]] | None) -> Attempt:
-        """Select (by ratio or the budget `wanted`), remove and recover on `analysis` (which it consumes)."""
+                 feeds, recover_mode: str, phases: Phases, wanted: list[tuple[str, float]] | None,
+                 tables: list[FactoredTable], cleaned: onnx.ModelProto) -> Attempt:
+        """Select (by ratio or the budget `wanted`), remove and recover on `analysis` (which it consumes);
+        factored embedding `tables` (of `cleaned`, the model before factoring) that save nothing are merged."""
         with phases("selection"):
             decisions, estimate = self._decide(analysis, scores, sens, ctx, model, wanted)
         removed = removed_roots(decisions)
@@ -272,10 +288,12 @@ class StructuredSparse(Pass):
             return Attempt(analysis, decisions, estimate, counts, self._unchanged(model), {}, None, wanted)
         with phases("recovery" if recover_mode != "none" else "removal"):
             pruned, notes, recovery = remove_and_recover(analysis, removed, feeds, recover_mode, self.options.ridge,
-                                                         self.options.recovery_stages)
+                                                         self.options.recovery_stages,
+                                                         frozenset(t.basis for t in tables))
+            pruned = merge_unsaved(pruned, tables, cleaned)
         return Attempt(analysis, decisions, estimate, counts, pruned, notes, recovery, wanted)
 
-    def _search_max_drop(self, prepared, scores, sens, ctx, model, feeds, recover_mode, phases
+    def _search_max_drop(self, prepared, scores, sens, ctx, model, feeds, recover_mode, phases, tables, cleaned
                          ) -> tuple[Attempt, list[dict]]:
         """Bisect keep_params over MAX_DROP_GRID for the largest cut within max_drop points on --eval."""
         from passes.graph.fidelity import top1
@@ -290,7 +308,7 @@ class StructuredSparse(Pass):
         def trial(index: int) -> bool:
             fraction = MAX_DROP_GRID[index]
             attempt = self._attempt(analyze(prepared), scores, sens, ctx, model, feeds, recover_mode, phases,
-                                    [("params", fraction)])
+                                    [("params", fraction)], tables, cleaned)
             accuracy = top1(attempt.model, inputs, evaluation["labels"])
             drop = round(100 * (base - accuracy), 4)
             tried.append({"keep_params": fraction, "weights_kept": round(count_params(attempt.model) /
@@ -347,7 +365,7 @@ class StructuredSparse(Pass):
                 raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs "
                                  "need static shapes: give --calibration data or fixed spatial dims)")
             budgets.append(budget)
-        cost = CostModel(analysis, embeddings=o.embeddings == "count")
+        cost = CostModel(analysis, embeddings=o.embeddings != "exclude")
 
         def allocated(aim: Targets) -> tuple[list[Decision], list[float]]:
             return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budgets,

@@ -28,8 +28,10 @@ DATA_CRITERIA = ("activation", "reconstruction")
 REFIT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def refit_targets(analysis: Analysis, removed: set[int]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(layer node names in graph order, node -> keep mask over its original output channels)."""
+def refit_targets(analysis: Analysis, removed: set[int], frozen: frozenset[str] = frozenset()
+                  ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(layer node names in graph order, node -> keep mask over its original output channels); the nodes named
+    in `frozen` are never refitted."""
     cut = RemovalCut(analysis, removed)
     by_name = {n.name: n for n in analysis.view.nodes}
     wanted = {t.node for t in analysis.state.consumers if cut.keep_named(t.tensor) is not None}
@@ -37,7 +39,7 @@ def refit_targets(analysis: Analysis, removed: set[int]) -> tuple[list[str], dic
         if node.op == "Conv" and attr(node, "group", 1) > 1 and node.outputs and \
                 cut.keep_named(node.outputs[0].name) is not None:
             wanted.add(node.name)
-    names = [n.name for n in analysis.view.nodes if n.name in wanted and n.op in REFIT_OPS
+    names = [n.name for n in analysis.view.nodes if n.name in wanted - frozen and n.op in REFIT_OPS
              and not (n.op == "MatMul" and analysis.view.constant(n.inputs[1]) is None
                       and analysis.view.constant(n.inputs[0]) is None)]
     keep = {}
@@ -97,11 +99,13 @@ def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats
 
 
 def remove_and_recover(analysis: Analysis, removed: set[int], feeds: dict | None, mode: str, ridge: float | None,
-                       stages: int) -> tuple[onnx.ModelProto, dict[str, list[str]], Recovery | None]:
+                       stages: int, frozen: frozenset[str] = frozenset()
+                       ) -> tuple[onnx.ModelProto, dict[str, list[str]], Recovery | None]:
     """Remove the units (`analysis` serves one removal) and, unless mode is none, refit the layers that read
-    them against the analysed model's outputs on `feeds`. Returns (model, per-node notes, recovery or None)."""
+    them (except those named in `frozen`) against the analysed model's outputs on `feeds`. Returns (model,
+    per-node notes, recovery or None)."""
     prepared = analysis.view.source
-    layers, keep = refit_targets(analysis, removed)
+    layers, keep = refit_targets(analysis, removed, frozen)
     pruned, notes = apply_removal(analysis, removed)
     if mode == "none" or not layers or feeds is None:
         return pruned, notes, None

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.declines import Decline
 from passes.graph.channels import ChannelState, Space
-from passes.graph.handler import Cut, Handler, attr, axes_operand, normalize_axis
+from passes.graph.handler import Cut, Handler, attr, axes_operand, normalize_axis, zero_slices
 from passes.graph.regroup import regroup, resolve_target
 
 
@@ -187,16 +187,35 @@ class SliceHandler(Handler):
             state.view.replace_constant(node, index, array)
 
 
+def lookup_table(node: gs.Node, state: ChannelState) -> np.ndarray | None:
+    """The node's table when it is an embedding lookup: constant 2-D float data read along axis 0 by indices
+    that are computed (not constant) and of known rank; None otherwise."""
+    view = state.view
+    table = view.input_constant(node, 0)
+    if table is None or table.ndim != 2 or table.dtype.kind != "f" or attr(node, "axis", 0) not in (0, -2):
+        return None
+    if view.constant(node.inputs[1]) is not None or view.rank(node.inputs[1]) is None:
+        return None
+    return table
+
+
 class GatherHandler(Handler):
-    """Gather with constant 1-D indices on the channel axis picks channels; on another axis it moves the axis."""
+    """Gather with constant 1-D indices on the channel axis picks channels; on another axis it moves the axis.
+    A lookup table (a constant 2-D float matrix read along axis 0 by computed indices: an embedding) creates
+    channels, one per table column, on its output's last axis."""
 
     op_types = ("Gather",)
 
     def propagate(self, node: gs.Node, state: ChannelState) -> None:
         space = state.space(node.inputs[0])
-        if space is None:
-            return
         view = state.view
+        if space is None:
+            table = lookup_table(node, state)
+            if table is not None:
+                values = np.where(zero_slices(table, 1), 0.0, np.nan)
+                state.produce(node, node.outputs[0], view.rank(node.inputs[1]), table.shape[1], values,
+                              weight=table, weight_axis=1)
+            return
         axis = normalize_axis(attr(node, "axis", 0), view.rank(node.inputs[0]))
         indices = view.constant(node.inputs[1])
         if space.axis == axis:
@@ -214,6 +233,11 @@ class GatherHandler(Handler):
 
     def prune(self, node: gs.Node, state: ChannelState, cut: Cut) -> None:
         space = state.space(node.inputs[0])
+        if space is None:
+            keep_columns = cut.keep(node.outputs[0])
+            if keep_columns is not None and lookup_table(node, state) is not None:
+                state.view.replace_constant(node, 0, state.view.input_constant(node, 0)[:, keep_columns])
+            return
         keep = cut.keep(node.inputs[0])
         axis = normalize_axis(attr(node, "axis", 0), state.view.rank(node.inputs[0]))
         if space is None or keep is None or space.axis != axis:
