@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--metric", default="params", choices=("params", "macs", "both"),
                         help="budget on weights, MACs, or both (keep_params=B,keep_macs=B)")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration samples (each task's default: 64)")
     parser.add_argument("--embeddings", default="factor", help="embedding tables: factor (cut by rank), count, exclude")
     args = parser.parse_args()
     import torch
@@ -99,7 +100,8 @@ def main() -> None:
 
     budgets = [float(b) for b in args.budgets.split(",")]
     grid = GRID if args.grid == "all" else [tuple(item.split(":")) for item in args.grid.split(",")]
-    tasks = [TASKS[name]() for name in args.real] if args.real is not None else \
+    sizes = {} if args.calibration is None else {"calibration": args.calibration}
+    tasks = [TASKS[name](**sizes) for name in args.real] if args.real is not None else \
         [digits_task(name) for name in ("rescnn", "dwsep", "encoder")]
     print(HEADER)
     for task in tasks:
