@@ -224,7 +224,9 @@ class StructuredSparse(Pass):
             cleaned = prepare(model)
             budgeted = self._budget() is not None or o.max_drop is not None
             # a rank cut costs more accuracy than its share of the weights suggests: only a budget may spend it
-            factor = o.embeddings == "factor" and budgeted
+            # (a plan is applied to the analysis it was made on)
+            factor = o.embeddings == "factor" and (budgeted if self._plan is None else
+                                                   bool(self._plan.get("settings", {}).get("factored_tables")))
             prepared, tables = factor_embeddings(cleaned) if factor else (cleaned, [])
             analysis = analyze(prepared)
             needs_grams = criterion == "reconstruction" or budgeted
@@ -271,7 +273,8 @@ class StructuredSparse(Pass):
             ctx.warn(details["message"])
         artifacts = ()
         if o.plan_out:
-            plan = to_json(plan_payload(analysis, decisions, self._settings())) + "\n"
+            settings = {**self._settings(), "factored_tables": [t.table for t in tables]}
+            plan = to_json(plan_payload(analysis, decisions, settings)) + "\n"
             artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
         return PassResult(new_model, details, artifacts)
 

@@ -160,3 +160,24 @@ def test_keep_params_spends_on_the_rank_and_lands():
     rank = next(g for g in details["groups"] if g["producers"] == ["lookup"])
     assert rank["channels_after"] < WIDTH  # the budget spent some of it on the table's rank
     assert details["summary"]["weights_kept"] == round(reached, 4)
+
+
+def test_a_plan_made_with_a_factored_table_applies_to_a_re_export(tmp_path):
+    table = _table()
+    model = _embedding_model(table, "norm")
+    plan = tmp_path / "plan.json"
+    first, _ = _pass_writing_plan(model, plan, keep_params=0.554)
+    again, details = _pass(model, plan=str(plan))
+    assert details["summary"]["pruned_groups"] == 1
+    np.testing.assert_allclose(run(again, _ids())[0], run(first, _ids())[0], atol=1e-6)
+    # a plan made by a ratio run (no factoring) still applies
+    ratio_plan = tmp_path / "ratio.json"
+    _pass_writing_plan(model, ratio_plan, ratio=0.5)
+    _pass(model, plan=str(ratio_plan))
+
+
+def _pass_writing_plan(model, path, **options):
+    result = StructuredSparse(StructuredSparse.Options(plan_out=str(path), **options)).run(model, PassContext())
+    for artifact in result.artifacts:
+        path.write_bytes(artifact.content)
+    return result.model, result.report
