@@ -48,6 +48,7 @@ from passes.graph.selection import (
 
 NAME = "structured-sparse"
 LANDING = 0.02  # a budget is met when the kept fraction lands this close to it
+SLOW_MACS = 0.95  # a weights cut keeping this much of the MACs (and removing twice as much of the weights) is slow
 MAX_DROP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 DEFAULT_DATA_CRITERION = "reconstruction"  # measured best with calibration data: see benchmarks/accuracy_recovery.py
 
@@ -269,6 +270,7 @@ class StructuredSparse(Pass):
                                                     attempt.budget, reference, o.embeddings != "exclude"))
         if recovery is not None:
             details["recovery"] = [layer.entry() for layer in recovery.layers]
+        self._warn_if_not_faster(details["summary"], ctx)
         if not any(d.group.prunable.any() for d in decisions):
             ctx.warn(details["message"])
         artifacts = ()
@@ -277,6 +279,17 @@ class StructuredSparse(Pass):
             plan = to_json(plan_payload(analysis, decisions, settings)) + "\n"
             artifacts = (Artifact(o.plan_out, "structured-sparse plan", plan.encode()),)
         return PassResult(new_model, details, artifacts)
+
+    def _warn_if_not_faster(self, summary: dict, ctx: PassContext) -> None:
+        """A weights budget met from layers that hold little compute (a CNN's last 1x1 layers and head) gives a
+        smaller model that runs about as fast as before: say so, and how to ask for speed."""
+        o = self.options
+        macs, weights = summary.get("macs_kept"), summary.get("weights_kept")
+        if o.keep_params is None or o.keep_macs is not None or macs is None or weights is None:
+            return
+        if macs >= SLOW_MACS and weights <= 1 - (1 - SLOW_MACS) * 2:
+            ctx.warn(f"pass {NAME}: keep_params={o.keep_params} kept {weights:.3f} of the weights but {macs:.3f} of "
+                     "the MACs, so the model will run about as fast as before; add keep_macs=F to cut compute too")
 
     def _attempt(self, analysis: Analysis, scores: dict, sens: dict, ctx: PassContext, model: onnx.ModelProto,
                  feeds, recover_mode: str, phases: Phases, wanted: list[tuple[str, float]] | None,

@@ -330,3 +330,26 @@ def test_output_gain_sees_a_branch_the_outputs_scale_down():
     by_producer = {analysis.groups[gid].name: gain for gid, gain in gains.items()}
     assert set(by_producer) == {"c1a", "c1b"}
     assert by_producer["c1b"] < 1e-4 * by_producer["c1a"]
+
+
+def test_a_weights_budget_met_from_a_light_compute_head_warns_that_it_will_not_run_faster():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((512, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 512)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+             helper.make_node("Gemm", ["hr", "w2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, details, ctx = _run_pass(model, keep_params=0.7, exclude="^conv$")  # the cut must come from the head
+    summary = details["summary"]
+    assert summary["weights_kept"] <= 0.72 and summary["macs_kept"] >= 0.95
+    assert any("will run about as fast as before; add keep_macs" in w for w in ctx.warnings)
+    _, _, ctx = _run_pass(model, keep_params=0.7, keep_macs=0.7)
+    assert not any("as fast as before" in w for w in ctx.warnings)
