@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import onnx
 
 from optimizer.errors import UsageError
@@ -22,9 +21,10 @@ from optimizer.report import model_stats
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
+from passes.graph.activations import sample_shapes
 from passes.graph.budget import Budget, CostModel, allocate
 from passes.graph.calibrated import DATA_CRITERIA, Phases, importance, remove_and_recover
-from passes.graph.data_scores import activation_scores, capture
+from passes.graph.data_scores import capture
 from passes.graph.edit import GraphEdit
 from passes.graph.embedding_factor import FactoredTable, embedding_scores, factor_embeddings, merge_unsaved
 from passes.graph.fidelity import fidelity_summary, weight_counts
@@ -235,12 +235,7 @@ class StructuredSparse(Pass):
             stats, grams, reference = capture(analysis, prepared, feeds, needs_grams) \
                 if feeds is not None and uses_data else (None, [], None)
         with phases("selection"):
-            scored, sens = importance(analysis, criterion, model, stats, grams)
-            measured = activation_scores(analysis, stats) if stats is not None and tables else {}
-            for gid, singular in embedding_scores(analysis, tables).items():
-                scored[gid] = (singular, "an embedding table's rank: ranked by singular value, not refitted")
-                local = measured[gid][1] if gid in measured else None
-                sens[gid] = local if local is not None and local.any() else singular / max(singular.mean(), 1e-30)
+            scored, sens = importance(analysis, criterion, model, stats, grams, embedding_scores(analysis, tables))
             scores = {gid: s for gid, (s, _) in scored.items()}
             if budgeted and stats is not None and criterion in DATA_CRITERIA:
                 sens = scaled(sens, output_gains(prepared, stats, scores, feeds))
@@ -363,7 +358,7 @@ class StructuredSparse(Pass):
         targets = Targets(o.ratio, o.scope, o.round_to, o.min_channels, exact_only=exact)
         if wanted is None:
             return choose(analysis, scores, targets, excluded), None
-        shapes = {name: [1, *np.shape(value)[1:]] for name, value in (ctx.calibration or {}).items()} or None
+        shapes = sample_shapes(ctx.calibration)
 
         def count(m: onnx.ModelProto, metric: str) -> float:
             if metric == "macs":

@@ -76,3 +76,13 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
         for name in names:
             parts[name].append(chunk[name])
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def sample_shapes(feeds: dict[str, np.ndarray] | None) -> dict[str, list[int]] | None:
+    """{input: the shape of one sample (batch 1)} of calibration feeds, for counting MACs at the data's sizes
+    where the model's dims are dynamic; None without feeds.
+
+        >>> sample_shapes({"x": np.zeros((64, 3, 224, 224))})
+        {'x': [1, 3, 224, 224]}
+    """
+    return {name: [1, *np.shape(value)[1:]] for name, value in (feeds or {}).items()} or None

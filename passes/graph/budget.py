@@ -273,8 +273,9 @@ def allocate(analysis: Analysis, decisions: list, sens: dict[int, np.ndarray], c
         return max(f - b.fraction for f, b in zip(fractions, budgets, strict=True))
 
     low, high = 0, len(ranked)
-    if over(trial(high)) > 0:
-        return decisions, trial(high)
+    deepest = trial(high)
+    if over(deepest) > 0:
+        return decisions, deepest
     while low < high:
         middle = (low + high) // 2
         if over(trial(middle)) <= 0:

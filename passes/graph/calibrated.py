@@ -68,10 +68,17 @@ class Phases:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams) -> tuple[dict, dict]:
+FIXED_ORDER_NOTE = "an embedding table's rank: ranked by singular value, not refitted"
+
+
+def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats, grams,
+               fixed: dict[int, np.ndarray] | None = None) -> tuple[dict, dict]:
     """(group -> (scores, note), group -> sensitivity per unit) for the criterion. With calibration data the
     sensitivity is the measured refitted-error curve of each group along its removal order (reconstruction.py);
-    without, a group's scores divided by their mean."""
+    without, a group's scores divided by their mean. `fixed` gives groups whose scores are set whatever the
+    criterion (a factored embedding's singular values, see embedding_factor): with data they cost their
+    activation sensitivity, the error of removing them without a refit, which is what they get."""
+    fixed = fixed or {}
     if criterion in DATA_CRITERIA:
         data = activation_scores(analysis, stats)
         scored = {g: (s, note) for g, (s, _, note) in data.items()}
@@ -83,19 +90,28 @@ def importance(analysis: Analysis, criterion: str, model: onnx.ModelProto, stats
                     scored[group.id] = (np.array([obs[int(r)] for r in group.roots]), None)
         if grams:
             orders = {g.id: [int(i) for i in np.argsort(scored[g.id][0], kind="stable") if g.prunable[i]]
-                      for g in analysis.groups}
+                      for g in analysis.groups if g.id not in fixed}
             for gid, curve in group_curves(analysis, grams, orders).items():
                 per_unit = np.zeros(len(scored[gid][0]))
                 per_unit[orders[gid]] = marginal_costs(curve)
                 sens[gid] = per_unit
-        return scored, sens
-    folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
-    scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
-    sens = {}
-    for gid, (values, _) in scored.items():
-        mean = values.mean() if values.size and values.mean() > 0 else 1.0
-        sens[gid] = values / mean
+    else:
+        data = activation_scores(analysis, stats) if stats is not None and fixed else {}
+        folded_bn = batchnorm_scales(model) if criterion == "bn-scale" else {}
+        scored = unit_scores(analysis, "l1" if criterion == "zero" else criterion, folded_bn)
+        sens = {gid: _relative(values) for gid, (values, _) in scored.items()}
+    for gid, values in fixed.items():
+        scored[gid] = (values, FIXED_ORDER_NOTE)
+        measured = data[gid][1] if gid in data else None
+        # without a consumer's calibration activations, the scores' own relative size
+        sens[gid] = measured if measured is not None and measured.any() else _relative(values)
     return scored, sens
+
+
+def _relative(values: np.ndarray) -> np.ndarray:
+    """Scores divided by their mean: the sensitivity of a norm-based criterion."""
+    mean = values.mean() if values.size and values.mean() > 0 else 1.0
+    return values / mean
 
 
 def remove_and_recover(analysis: Analysis, removed: set[int], feeds: dict | None, mode: str, ridge: float | None,

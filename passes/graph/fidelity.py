@@ -61,8 +61,7 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
 
     before, before_embed = weight_counts(model)
     after, after_embed = weight_counts(pruned)
-    # dynamic dims take the calibration data's sizes (batch 1), as the analysis does
-    shapes = {name: [1, *np.shape(value)[1:]] for name, value in (feeds or {}).items()} or None
+    shapes = activations.sample_shapes(feeds)  # dynamic dims take the calibration data's sizes, as the budget does
     macs_before = model_stats(prepared, input_shapes=shapes)["macs"]
     macs_after = model_stats(pruned, input_shapes=shapes)["macs"]
     summary = {
