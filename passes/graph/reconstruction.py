@@ -138,12 +138,25 @@ def group_curves(analysis: Analysis, grams: list[ConsumerGram], orders: dict[int
             roots = {int(group.roots[u]) for u in order[:count]}
             values.append(sum(g.refit_error(_positions_of(analysis, g, roots)) / max(g.energy, 1e-30)
                               for g in by_group[group.id]))
+        # no (0, 0) point: the curve holds the first level's error from the first unit on (see marginal_costs)
         curves[group.id] = np.interp(np.arange(1, len(order) + 1), counts, values)
     return curves
 
 
 def marginal_costs(curve: np.ndarray) -> np.ndarray:
-    """Per removal step, the increase of the error curve, made non-decreasing (a convex cost)."""
+    """Per removal step, the increase of the error curve, made non-decreasing (a convex cost).
+
+    The curve starts at the first level's error, so the first step costs all of it and, non-decreasing, so does
+    every later one: each unit of a group costs at least the refitted error of removing the group's first
+    eighth at once, and a budget takes groups whole (up to max_ratio) in the order of that error per share
+    saved. Measured, this beats the exact marginal curve (one starting at zero error) on the real models:
+    PP-OCRv4 rec at keep_params=0.7 loses 5.67 / 4.00 pt with 64 / 128 calibration lines against 9.00 / 7.33
+    with the exact curve (the digits models and MiniLM are within 0.25 pt either way); the exact curve trusts
+    the small local errors of the last, wide layers, which then cost more at the outputs than measured.
+
+    >>> marginal_costs(np.array([2.0, 2.0, 3.0, 3.5]))
+    array([2., 2., 2., 2.])
+    """
     steps = np.diff(np.r_[0.0, curve])
     return np.maximum.accumulate(np.maximum(steps, 0.0))
 
