@@ -21,7 +21,7 @@ import onnx
 from optimizer.data import LABELS, split_labels
 from optimizer.errors import PassError, QualityError, SculptError, UsageError, VerificationError
 from optimizer.model import check_model, infer_shapes
-from optimizer.verify import QualityFloor, compare, run_ort, top1_accuracy
+from optimizer.verify import QualityFloor, class_score_outputs, compare, run_ort, top1_accuracy
 
 VERIFY_SAMPLES = 256
 MIN_RANDOM_SAMPLES = 32  # without calibration data: enough that top-1 agreement is not just 0 or 1
@@ -106,6 +106,7 @@ class Verify(Instrument):
         feeds, _ = split_labels(state.ctx.calibration)
         self.feeds = {k: v[: self.samples] if np.ndim(v) else v for k, v in feeds.items()}  # scalars go whole
         self.reference = run_ort(state.model, self.feeds)
+        self.class_scores = class_score_outputs(state.model)  # passes never reorder outputs
         verdict = compare(self.reference, self.reference)
         if "failure" in verdict:
             raise VerificationError(f"input model: {verdict['failure']}; check the model and the calibration data")
@@ -120,7 +121,7 @@ class Verify(Instrument):
     def after_pass(self, state: RunState, pass_, result) -> None:
         self.feeds = pass_.map_inputs(result, self.feeds)
         outputs = run_ort(result.model, self.feeds)
-        verify = compare(self.reference, outputs)
+        verify = compare(self.reference, outputs, self.class_scores)
         state.entry["verify"] = verify
         self._judge(pass_.name, state.entry["contract"], verify, state.ctx)
         self.reference = outputs

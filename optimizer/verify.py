@@ -19,14 +19,63 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int |
     return feed_in_chunks(lambda part: run_outputs(session, part), feeds, fixed_batch(graph_inputs(model)))
 
 
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
+# what can make class scores over the last axis: a classifier's last layer or the Softmax after it, with
+# shape-only ops in between looked through. A Conv or Sigmoid output is a map (a segmentation, a detector's
+# grid) unless it is 2-D; an embedding (normalised, pooled, layer-normed) or concatenated boxes are none of
+# these, and the argmax over their last axis means nothing.
+_LAST_AXIS_SCORES = {"Softmax", "LogSoftmax", "Gemm", "MatMul"}
+_SCORES_WHEN_2D = {"Conv", "Sigmoid"}
+_SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"}
+
+
+def class_score_outputs(model: onnx.ModelProto) -> list[bool]:
+    """Per graph output (in order): whether it holds class scores, so that top-1 agreement means something.
+
+    An output counts when the node that makes it (through reshapes and casts) is a Softmax/LogSoftmax, a
+    Gemm/MatMul or the Add of a bias onto one, or, for a 2-D output, a Conv or Sigmoid.
+
+        >>> from onnx import helper, TensorProto as T
+        >>> g = helper.make_graph([helper.make_node("Softmax", ["x"], ["p"]),
+        ...                        helper.make_node("LpNormalization", ["x"], ["e"])], "g",
+        ...                       [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+        ...                       [helper.make_tensor_value_info("p", T.FLOAT, [1, 4]),
+        ...                        helper.make_tensor_value_info("e", T.FLOAT, [1, 4])])
+        >>> class_score_outputs(helper.make_model(g))
+        [True, False]
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def source(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        for _ in range(8):
+            if node is None or node.op_type not in _SHAPE_OPS:
+                break
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Add":  # a bias onto a linear layer's output
+            linear = [source(i) for i in node.input if i in producer]
+            node = next((n for n in linear if n is not None and n.op_type in ("Gemm", "MatMul", "Conv")), None)
+        return node
+
+    marks = []
+    for output in model.graph.output:
+        node = source(output.name)
+        rank = len(output.type.tensor_type.shape.dim) if output.type.tensor_type.HasField("shape") else None
+        marks.append(node is not None and (node.op_type in _LAST_AXIS_SCORES
+                                           or node.op_type in _SCORES_WHEN_2D and rank == 2))
+    return marks
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+            class_scores: list[bool] | None = None) -> dict:
     """Worst case over outputs (matched by position: passes may rename outputs but never reorder them).
 
     max_rel_err is relative to the reference output's scale (max |ref|), so that near-zero elements do not
     dominate; cosine is over the flattened outputs; top1_agreement compares argmax over the last axis of
-    outputs whose last axis has more than one class. NaN/Inf in either side's outputs make the comparison
-    meaningless: the result then carries `nonfinite` counts, errors of inf and cosine/agreement 0, and
-    `failure` says why (the pipeline fails on it). Raises VerificationError when there is nothing to compare.
+    outputs whose last axis has more than one class, and only of the outputs `class_scores` marks (from
+    `class_score_outputs`) when it is given; None when no output qualifies. NaN/Inf in either side's outputs
+    make the comparison meaningless: the result then carries `nonfinite` counts, errors of inf and
+    cosine/agreement 0, and `failure` says why (the pipeline fails on it). Raises VerificationError when there
+    is nothing to compare.
 
         >>> compare({"y": np.ones((2, 3))}, {"y": np.ones((2, 3))})["cosine"]
         1.0
@@ -41,7 +90,9 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
                 "nonfinite": nonfinite, "failure": _nonfinite_message(nonfinite)}
     max_abs = max_rel = 0.0
     cosine, agreement = 1.0, None
-    for ref, new in zip(reference.values(), candidate.values(), strict=True):
+    marks = class_scores if class_scores is not None and len(class_scores) == len(reference) else \
+        [True] * len(reference)
+    for ref, new, is_scores in zip(reference.values(), candidate.values(), marks, strict=True):
         ref = np.asarray(ref, dtype=np.float64)
         new = np.asarray(new, dtype=np.float64)
         if ref.shape != new.shape:
@@ -55,7 +106,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         max_rel = max(max_rel, err / scale if scale > 0 else err)
         norms = np.linalg.norm(ref) * np.linalg.norm(new)
         cosine = min(cosine, float(np.dot(ref.ravel(), new.ravel()) / norms) if norms > 0 else float(err == 0))
-        if ref.ndim >= 2 and ref.shape[-1] > 1:
+        if is_scores and ref.ndim >= 2 and ref.shape[-1] > 1:
             same = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
             agreement = same if agreement is None else min(agreement, same)
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "cosine": cosine, "top1_agreement": agreement}

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
 from optimizer.errors import VerificationError
-from optimizer.verify import QualityFloor, compare, run_ort
+from optimizer.verify import QualityFloor, class_score_outputs, compare, run_ort
 
 
 def _mlp(hidden: int = 32) -> onnx.ModelProto:
@@ -145,6 +145,32 @@ def test_quality_floor_warns_and_strict_fails(work, capsys):
     assert "--strict" in _one_error_line(capsys)
     assert not (folder / "o.onnx").exists() and not (folder / "r.json").exists()
     assert main([*args, "--strict", "--min-cosine", "0", "--min-agreement", "0"]) == 0
+
+
+def _embedder() -> onnx.ModelProto:
+    """The MLP with its output L2-normalised per sample: an embedding, whose argmax over features means nothing."""
+    model = _mlp()
+    model.graph.output[0].name = "y_raw"
+    model.graph.node[-1].output[0] = "y_raw"
+    model.graph.node.append(helper.make_node("LpNormalization", ["y_raw"], ["e"], axis=-1, p=2))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("e", TensorProto.FLOAT, ["n", 10]))
+    return model
+
+
+def test_top1_agreement_only_for_class_scores(work, capsys):
+    folder, x = work
+    assert class_score_outputs(_mlp()) == [True] and class_score_outputs(_embedder()) == [False]
+    ref, new = {"e": np.eye(4, 10)}, {"e": np.eye(4, 10)[::-1]}
+    assert compare(ref, new)["top1_agreement"] == 0.0  # without marks every multi-column output counts
+    assert compare(ref, new, [False])["top1_agreement"] is None
+    onnx.save(_embedder(), "e.onnx")
+    args = ["e.onnx", "--pass", "sparsify:sparsity=0.3", "-o", "o.onnx", "--calibration", "cal.npz",
+            "--report", "r.json", "--min-cosine", "0.5"]
+    assert main(args) == 0
+    verify = json.loads((folder / "r.json").read_text())["passes"][0]["verify"]
+    expected = compare(run_ort(_embedder(), {"x": x}), run_ort(onnx.load("o.onnx"), {"x": x}))
+    assert verify["top1_agreement"] is None and verify["cosine"] == pytest.approx(expected["cosine"])
+    assert "quality floor" not in capsys.readouterr().err  # cosine above 0.5; no meaningless argmax to fail on
 
 
 def test_quality_floor_shortfall_text():

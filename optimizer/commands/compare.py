@@ -19,11 +19,11 @@ def command(model_a, model_b, calibration, batch, seed, debug):
     from optimizer.console import print_compare
     from optimizer.data import load_npz, random_inputs, split_labels
     from optimizer.model import load_model
-    from optimizer.verify import compare, run_ort
+    from optimizer.verify import class_score_outputs, compare, run_ort
 
     a, b = load_model(model_a), load_model(model_b)
     feeds = split_labels(load_npz(calibration, a))[0] if calibration else random_inputs(a, batch, seed)
-    result = compare(run_ort(a, feeds), run_ort(b, feeds))
+    result = compare(run_ort(a, feeds), run_ort(b, feeds), class_score_outputs(a))
     if "failure" in result:
         from optimizer.errors import VerificationError
 

@@ -39,15 +39,19 @@ def top1(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarr
     return verify.top1(logits, labels.reshape(-1)[:len(logits)])
 
 
-def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
-    """Cosine (per sample, averaged, worst output) and top-1 agreement (first output with classes)."""
+def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+              class_scores: list[bool] | None = None) -> dict:
+    """Cosine (per sample, averaged, worst output) and top-1 agreement (first output with classes; only outputs
+    that `class_scores` marks, see verify.class_score_outputs, when it is given)."""
     cosines, top1 = [], None
-    for ref, new in zip(reference.values(), candidate.values(), strict=True):
+    marks = class_scores if class_scores is not None and len(class_scores) == len(reference) else \
+        [True] * len(reference)
+    for ref, new, is_scores in zip(reference.values(), candidate.values(), marks, strict=True):
         a = ref.reshape(len(ref), -1).astype(np.float64)
         b = new.reshape(len(new), -1).astype(np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cosines.append(float(np.mean(np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-30), 1.0))))
-        if top1 is None and ref.ndim >= 2 and ref.shape[-1] > 1:
+        if top1 is None and is_scores and ref.ndim >= 2 and ref.shape[-1] > 1:
             top1 = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
     return {"cosine": round(min(cosines), 6), "top1_agreement": None if top1 is None else round(top1, 6)}
 
@@ -82,13 +86,14 @@ def fidelity_summary(model: onnx.ModelProto, prepared: onnx.ModelProto, pruned: 
         summary["budget"] = entries[0]  # the weights budget when both are given
         if len(entries) > 1:
             summary["budgets"] = entries
+    class_scores = verify.class_score_outputs(model)
     if feeds is not None:
         reference = reference if reference is not None else activations.collect(model, feeds)
-        summary["calibration"] = agreement(reference, activations.collect(pruned, feeds))
+        summary["calibration"] = agreement(reference, activations.collect(pruned, feeds), class_scores)
     if evaluation is not None:
         inputs = {k: v for k, v in evaluation.items() if k != "labels"}
         ref, new = activations.collect(model, inputs), activations.collect(pruned, inputs)
-        entry = agreement(ref, new)
+        entry = agreement(ref, new, class_scores)
         labels = evaluation.get("labels")
         if labels is not None:
             def top1(out: dict) -> float:
