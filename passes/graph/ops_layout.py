@@ -240,7 +240,7 @@ class GatherHandler(Handler):
             return
         keep = cut.keep(node.inputs[0])
         axis = normalize_axis(attr(node, "axis", 0), state.view.rank(node.inputs[0]))
-        if space is None or keep is None or space.axis != axis:
+        if keep is None or space.axis != axis:
             return
         indices = state.view.constant(node.inputs[1])
         positions = np.where(indices < 0, indices + len(space), indices)
