@@ -65,6 +65,16 @@ def class_score_outputs(model: onnx.ModelProto) -> list[bool]:
     return marks
 
 
+def class_score_marks(class_scores: list[bool] | None, count: int) -> list[bool]:
+    """The per-output marks to use for `count` outputs: `class_scores` when it covers them, else every output
+    (without a model to read, any output with more than one column may hold classes).
+
+        >>> class_score_marks([True, False], 2), class_score_marks(None, 2)
+        ([True, False], [True, True])
+    """
+    return class_scores if class_scores is not None and len(class_scores) == count else [True] * count
+
+
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
             class_scores: list[bool] | None = None) -> dict:
     """Worst case over outputs (matched by position: passes may rename outputs but never reorder them).
@@ -90,8 +100,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
                 "nonfinite": nonfinite, "failure": _nonfinite_message(nonfinite)}
     max_abs = max_rel = 0.0
     cosine, agreement = 1.0, None
-    marks = class_scores if class_scores is not None and len(class_scores) == len(reference) else \
-        [True] * len(reference)
+    marks = class_score_marks(class_scores, len(reference))
     for ref, new, is_scores in zip(reference.values(), candidate.values(), marks, strict=True):
         ref = np.asarray(ref, dtype=np.float64)
         new = np.asarray(new, dtype=np.float64)

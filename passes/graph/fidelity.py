@@ -44,8 +44,7 @@ def agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
     """Cosine (per sample, averaged, worst output) and top-1 agreement (first output with classes; only outputs
     that `class_scores` marks, see verify.class_score_outputs, when it is given)."""
     cosines, top1 = [], None
-    marks = class_scores if class_scores is not None and len(class_scores) == len(reference) else \
-        [True] * len(reference)
+    marks = verify.class_score_marks(class_scores, len(reference))
     for ref, new, is_scores in zip(reference.values(), candidate.values(), marks, strict=True):
         a = ref.reshape(len(ref), -1).astype(np.float64)
         b = new.reshape(len(new), -1).astype(np.float64)
