@@ -150,6 +150,50 @@ def test_attention_matmuls_count_and_raw_equals_cleaned(tmp_path):
     assert abs(macs[1] - macs[0]) <= 0.01 * macs[0]
 
 
+def _computed_reshape_model() -> onnx.ModelProto:
+    """Conv -> Reshape to [n, C, -1] with the target made of Shape/Slice/Concat -> tokens -> MLP, at opset 12
+    (a Paddle2ONNX/older torch export): onnx's Reshape inference at this opset gives the result no rank."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+             for name, shape in (("conv_w", (16, 8, 1, 1)), ("w1", (16, 32)), ("w2", (32, 4)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), name)
+              for name, v in (("zero", [0]), ("two", [2]), ("minus", [-1]))]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "zero", "two"], ["lead"], name="lead"),
+        helper.make_node("Concat", ["lead", "minus"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["r", "target"], ["flat"], name="flatten"),
+        helper.make_node("Transpose", ["flat"], ["tokens"], name="tokens", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["tokens", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+        helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(nodes, "computed_reshape",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, None, "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+
+
+def test_a_reshape_to_a_computed_shape_keeps_its_rank_and_the_layers_after_it_prune():
+    """onnx leaves the Reshape's output (and all after it) without a rank; onnxruntime's symbolic shape inference
+    fills those in, so the MLP after it is analysed like any other (PP-OCRv4 rec's neck is this case)."""
+    from passes.graph.ir import inferred_value_info
+
+    model = _computed_reshape_model()
+    onnx_only = {v.name for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info
+                 if v.type.tensor_type.HasField("shape")}
+    assert "flat" not in onnx_only and "h" not in onnx_only
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred_value_info(model)}
+    assert shapes["flat"] == 3 and shapes["h"] == 3
+    pruned, details = StructuredSparse(StructuredSparse.Options(ratio=0.5)).run(model, PassContext())
+    fc1 = next(g for g in details["groups"] if g["producers"] == ["fc1"])
+    assert (fc1["channels_before"], fc1["channels_after"]) == (32, 16)
+    x = np.random.default_rng(1).standard_normal((2, 8, 3, 5)).astype(np.float32)
+    assert _outputs(pruned, {"x": x})[0].shape == (2, 15, 4)
+
+
 # --- recurrent channel handlers ---------------------------------------------------------------------------------
 
 

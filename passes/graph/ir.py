@@ -10,7 +10,10 @@ so nothing stale reaches value_info, then infers them again.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
+import logging
 
 import numpy as np
 import onnx
@@ -184,12 +187,46 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Shapes of the intermediate tensors; [] when inference fails (the analysis copes with missing shapes)."""
+    """Shapes of the intermediate tensors; [] when inference fails (the analysis copes with missing shapes).
+
+    onnx's inference loses the rank after a Reshape whose target is computed from Shape ops (a transformer
+    block inside a CNN, as in PP-OCRv4 rec's neck), which leaves every group after it unprunable; the tensors it
+    leaves without a shape take the one onnxruntime's symbolic shape inference finds, when it finds one."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
     except Exception:  # onnx raises several unrelated types here
         return []
-    return list(inferred.graph.value_info)
+    found = {info.name: info for info in inferred.graph.value_info if _has_shape(info)}
+    known = found.keys() | {v.name for v in inferred.graph.output if _has_shape(v)}
+    missing = {out for node in model.graph.node for out in node.output if out and out not in known}
+    if missing:
+        found.update(_symbolic_shapes(model, missing))
+    return list(found.values()) + [info for info in inferred.graph.value_info if info.name not in found]
+
+
+def _has_shape(info: onnx.ValueInfoProto) -> bool:
+    return info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape")
+
+
+def _symbolic_shapes(model: onnx.ModelProto, names: set[str]) -> dict[str, onnx.ValueInfoProto]:
+    """name -> value info with a shape, for those of `names` that onnxruntime's symbolic shape inference
+    resolves ({} when it fails: it reads constant values, so it gets the model with its weights)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # its warnings are about dims it cannot merge, not the user's to act on
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception:  # it raises whatever the op it cannot handle raises
+        return {}
+    finally:
+        logger.setLevel(level)
+    if inferred is None:
+        return {}
+    return {info.name: info for info in [*inferred.graph.value_info, *inferred.graph.output]
+            if info.name in names and _has_shape(info)}
 
 
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -137,11 +137,25 @@ class LinearLayer:
             weight = weight.T if self.attrs.get("transB", 0) else weight
         else:
             weight = body[0]
-        arrays = {self.weight: weight.astype(dtype)}
+        arrays = {self.weight: flush_subnormals(weight.astype(dtype))}
         if self.bias is not None:
             scale = self.attrs.get("beta", 1.0) if self.op == "Gemm" else 1.0
-            arrays[self.bias] = (bias / scale).reshape(self.bias_value.shape).astype(self.bias_value.dtype)
+            arrays[self.bias] = flush_subnormals((bias / scale).reshape(self.bias_value.shape)
+                                                 .astype(self.bias_value.dtype))
         return arrays
+
+
+def flush_subnormals(array: np.ndarray) -> np.ndarray:
+    """`array` with its subnormal floats set to zero. A least-squares fit can leave weights below the smallest
+    normal float (1.2e-38 in float32), and x86 CPUs multiply by those dozens of times slower: one refitted 1x1
+    Conv of PP-OCRv4 rec with 2108 of them ran 40 ms instead of 0.7 ms in ONNX Runtime. They are worth nothing.
+
+    >>> flush_subnormals(np.array([1e-40, 0.5, -1e-39], dtype=np.float32)).tolist()
+    [0.0, 0.5, 0.0]
+    """
+    if array.dtype.kind != "f":
+        return array
+    return np.where(np.abs(array) < np.finfo(array.dtype).tiny, np.zeros_like(array), array)
 
 
 def layer_from_node(model: onnx.ModelProto, node: onnx.NodeProto, target: str, bias: str | None
