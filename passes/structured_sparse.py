@@ -17,7 +17,7 @@ import onnx
 
 from optimizer.errors import UsageError
 from optimizer.io_json import to_json
-from optimizer.report import model_stats
+from optimizer.report import Shapes, model_stats
 from passes import Artifact, Pass, PassContext, PassResult, option, register
 from passes.base import compile_regex
 from passes.cleanup import cleanup_model
@@ -148,7 +148,7 @@ class StructuredSparse(Pass):
                                             "(ONNX Runtime runs aligned widths much faster) unless that keeps a "
                                             "budget from landing within 2 points, 1 elsewhere and for zero")
         min_channels: int = option(1, "keep at least this many channels in each group")
-        max_ratio: float = option(0.75, "with keep_params/keep_macs: remove at most this fraction of any group (a "
+        max_ratio: float = option(0.5, "with keep_params/keep_macs: remove at most this fraction of any group (a "
                                         "group cut deeper loses more than the per-unit estimates predict)")
         exclude: str | None = option(None, "regex on the names of the nodes producing a group: matches are kept")
         plan: str | None = option(None, "apply a plan saved with plan_out (a re-export of the same model)",
@@ -376,7 +376,7 @@ class StructuredSparse(Pass):
                 raise UsageError(f"pass {NAME}: option keep_{metric}: the model's {what} cannot be counted (MACs "
                                  "need static shapes: give --calibration data or fixed spatial dims)")
             budgets.append(budget)
-        cost = CostModel(analysis, embeddings=o.embeddings != "exclude")
+        cost = CostModel(analysis, embeddings=o.embeddings != "exclude", shapes=Shapes(prepared, 1, shapes))
 
         def allocated(aim: Targets) -> tuple[list[Decision], list[float]]:
             return allocate(analysis, initial(analysis, scores, excluded), sens, cost, budgets,

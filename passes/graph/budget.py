@@ -50,9 +50,12 @@ def _static(shape) -> list[int] | None:
 class CostModel:
     """Weights and MACs of the analysed graph as functions of the removal (see the module doc)."""
 
-    def __init__(self, analysis: Analysis, embeddings: bool = True):
+    def __init__(self, analysis: Analysis, embeddings: bool = True, shapes=None):
         self.analysis = analysis
         self.embeddings = embeddings  # False: Gather tables are left out of the weights
+        # static shapes at the calibration data's sizes (optimizer.report.Shapes): where the model's dims are
+        # dynamic (a recognizer's width) the graph's own shapes would count every Conv as if its output were 1x1
+        self.static_shapes = shapes
         self.constants: dict[str, _Constant] = {}
         self.macs: list[_Macs] = []
         view = analysis.view
@@ -104,11 +107,15 @@ class CostModel:
             return [(aligned, out)]
         return []
 
+    def _shape(self, tensor) -> list[int] | None:
+        static = self.static_shapes.of(tensor.name) if self.static_shapes is not None else None
+        return static if static is not None else _static(self.analysis.view.shape(tensor))
+
     def _node_macs(self, node, spaces) -> None:
         if node.op not in MAC_OPS or not node.outputs:
             return
         view = self.analysis.view
-        out_shape = _static(view.shape(node.outputs[0]))
+        out_shape = self._shape(node.outputs[0])
         if out_shape is None:
             return
         out, x = node.outputs[0].name, node.inputs[0].name
@@ -119,13 +126,13 @@ class CostModel:
             if node.op == "Conv":
                 base = math.prod(out_shape) * math.prod(w.shape[1:])
             else:
-                in_shape = _static(view.shape(node.inputs[0]))
+                in_shape = self._shape(node.inputs[0])
                 base = math.prod(in_shape or [0]) * math.prod(w.shape[1:])
             reduces = attr(node, "group", 1) == 1 or self.analysis.state.in_alternate(node)
             scaled = [out, x] if reduces else [out]
         elif node.op == "Gemm":
             b = view.input_constant(node, 1)
-            a_shape = _static(view.shape(node.inputs[0]))
+            a_shape = self._shape(node.inputs[0])
             if a_shape is None or len(a_shape) != 2:
                 return
             k = a_shape[0] if attr(node, "transA", 0) else a_shape[1]
@@ -133,7 +140,7 @@ class CostModel:
                 return
             base, scaled = math.prod(out_shape) * k, [out, x]
         else:  # MatMul: counted like the report does, only with a constant second operand
-            a_shape = _static(view.shape(node.inputs[0]))
+            a_shape = self._shape(node.inputs[0])
             if a_shape is None or view.constant(node.inputs[1]) is None:
                 return
             base, scaled = math.prod(out_shape) * a_shape[-1], [out, x]
