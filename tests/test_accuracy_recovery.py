@@ -125,6 +125,24 @@ def test_keep_macs_lands_on_the_digits_cnn(digits_assets):
     assert budget["reached"] == details["summary"]["macs_kept"]
 
 
+def test_keep_macs_lands_when_the_spatial_dims_are_dynamic(digits_assets):
+    """A recognizer's width is dynamic: the budget counts MACs at the calibration data's sizes (counted at the
+    graph's own shapes every Conv would weigh as if its output were 1x1, and the cut would overshoot)."""
+    from optimizer.report import model_stats
+
+    model = onnx.load(digits_assets.model)
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width"), strict=True):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    calibration = {"input": np.load(digits_assets.calibration)["input"][:64]}
+    new, details, _ = _run_pass(model, calibration, keep_macs=0.5)
+    reached = details["summary"]["budget"]["reached"]
+    assert 0.48 <= reached <= 0.52
+    sizes = {"input": [1, *calibration["input"].shape[1:]]}
+    assert abs(model_stats(new, input_shapes=sizes)["macs"] / model_stats(model, input_shapes=sizes)["macs"]
+               - reached) < 0.01
+
+
 def test_keep_macs_lands_on_a_resnet18_graph(torch_one_thread):
     import torch
     from sparse_families import ResNetLike, export
