@@ -152,7 +152,8 @@ class GraphView:
         model = gs.export_onnx(self.graph, do_type_check=False)
         copy_model_fields(self.source, model)
         del model.graph.value_info[:]  # graphsurgeon writes type-only entries; inference gives full ones
-        model.graph.value_info.extend(inferred_value_info(model))
+        # every GraphView infers its own shapes again, so the slower symbolic inference is not spent here
+        model.graph.value_info.extend(inferred_value_info(model, symbolic=False))
         return model
 
     def _fresh_name(self, hint: str) -> str:
@@ -186,12 +187,13 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def inferred_value_info(model: onnx.ModelProto, symbolic: bool = True) -> list[onnx.ValueInfoProto]:
     """Shapes of the intermediate tensors; [] when inference fails (the analysis copes with missing shapes).
 
     onnx's inference loses the rank after a Reshape whose target is computed from Shape ops (a transformer
     block inside a CNN, as in PP-OCRv4 rec's neck), which leaves every group after it unprunable; the tensors it
-    leaves without a shape take the one onnxruntime's symbolic shape inference finds, when it finds one."""
+    leaves without a shape take the one onnxruntime's symbolic shape inference finds, when it finds one
+    (`symbolic=False`: onnx's alone, for an exported model whose value_info is a courtesy)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
     except Exception:  # onnx raises several unrelated types here
@@ -199,7 +201,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     found = {info.name: info for info in inferred.graph.value_info if _has_shape(info)}
     known = found.keys() | {v.name for v in inferred.graph.output if _has_shape(v)}
     missing = {out for node in model.graph.node for out in node.output if out and out not in known}
-    if missing:
+    if missing and symbolic:
         found.update(_symbolic_shapes(model, missing))
     return list(found.values()) + [info for info in inferred.graph.value_info if info.name not in found]
 
