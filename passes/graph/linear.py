@@ -77,6 +77,16 @@ class LinearLayer:
     def groups(self) -> int:
         return int(self.attrs.get("group", 1)) if self.op == "Conv" else 1
 
+    @property
+    def unknowns(self) -> int:
+        """Columns d of `rows` (per group, bias not counted): what each output is a linear function of."""
+        w = self.weight_value
+        if self.op == "Conv":
+            return int(np.prod(w.shape[1:]))
+        if self.op == "Gemm":
+            return w.shape[1] if self.attrs.get("transB", 0) else w.shape[0]
+        return w.shape[0]
+
     def rows(self, x: np.ndarray) -> np.ndarray:
         """Design rows [rows, G, d] (float64) for one chunk of the layer's input."""
         if self.op == "Conv":
@@ -91,12 +101,12 @@ class LinearLayer:
             return a.astype(np.float64).reshape(a.shape[0], 1, -1)
         return x.astype(np.float64).reshape(-1, 1, x.shape[-1])
 
-    def targets(self, y: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    def targets(self, y: np.ndarray, keep: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
         """Target rows [rows, G, m] from the layer's (original) output; `keep` selects output channels."""
         axis = 1 if self.op == "Conv" else y.ndim - 1
         if keep is not None:
             y = np.compress(keep, y, axis=axis)
-        moved = np.moveaxis(y, axis, -1).astype(np.float64)
+        moved = np.moveaxis(y, axis, -1).astype(dtype)
         return moved.reshape(-1, self.groups, moved.shape[-1] // self.groups)
 
     def weights(self) -> np.ndarray:
@@ -180,12 +190,25 @@ def layer_from_node(model: onnx.ModelProto, node: onnx.NodeProto, target: str, b
 ROWS_PER_UNKNOWN = 48  # design rows kept per unknown: enough for a well-posed fit, far fewer than all pixels
 
 
+def sampled_rows(count: int, unknowns: int, chunk_samples: int, total_samples: int, rng: np.random.Generator
+                 ) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset of a chunk's `count` design rows, so that the whole calibration
+    set contributes about ROWS_PER_UNKNOWN rows per unknown (`unknowns` columns plus the bias); None (all rows)
+    when that many or fewer. It needs only the counts, so targets can be sampled before their inputs exist.
+
+        >>> sampled_rows(10, 1, 1, 1000, np.random.default_rng(0)) is None
+        True
+    """
+    wanted = int(np.ceil(ROWS_PER_UNKNOWN * (unknowns + 1) * chunk_samples / total_samples))
+    if count <= wanted:
+        return None
+    return np.sort(rng.choice(count, size=wanted, replace=False))
+
+
 def row_sample(z: np.ndarray, chunk_samples: int, total_samples: int, rng: np.random.Generator,
                others: tuple[np.ndarray, ...] = ()) -> np.ndarray | tuple[np.ndarray, ...]:
-    """A seeded random subset of the rows of one chunk (and the same rows of `others`), so that the whole
-    calibration set contributes about ROWS_PER_UNKNOWN rows per unknown; all rows when that many or fewer."""
-    wanted = int(np.ceil(ROWS_PER_UNKNOWN * (z.shape[-1] + 1) * chunk_samples / total_samples))
-    if len(z) <= wanted:
+    """`sampled_rows` applied to the rows of one chunk `z` [rows, ..., d] (and the same rows of `others`)."""
+    rows = sampled_rows(len(z), z.shape[-1], chunk_samples, total_samples, rng)
+    if rows is None:
         return (z, *others) if others else z
-    rows = np.sort(rng.choice(len(z), size=wanted, replace=False))
     return (z[rows], *(o[rows] for o in others)) if others else z[rows]

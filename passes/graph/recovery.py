@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from optimizer.declines import Decline
 from passes.graph import activations
-from passes.graph.linear import LinearLayer, layer_from_node, row_sample
+from passes.graph.linear import LinearLayer, layer_from_node, sampled_rows
 
 RIDGE = 1e-5       # relative to the mean diagonal of Z^T Z
 RIDGE_FEW_ROWS = 1e-2
@@ -237,30 +237,85 @@ def _stages(model: onnx.ModelProto, layers: list[LinearLayer]) -> list[list[Line
     return stages
 
 
+TARGET_CACHE_BYTES = 1 << 30  # the original's sampled target rows kept across stages; layers past it rerun it
+
+
+@dataclass
+class Block:
+    """One piece of a layer's fit from one calibration chunk: the original's target rows (float32, as ORT gave
+    them), the design rows they belong to (None: all), the sample they come from (None: the whole chunk, its
+    rows split alternately between the two halves)."""
+
+    targets: np.ndarray
+    rows: np.ndarray | None
+    sample: int | None
+
+
+def _target_blocks(layer: LinearLayer, y: np.ndarray, keep: np.ndarray | None, samples: int,
+                   rng: np.random.Generator) -> list[Block]:
+    """The blocks of one chunk's original output `y` of `layer` (Conv with spatial dims: one per sample)."""
+    per_sample = layer.op == "Conv" and y.ndim > 2
+    blocks = []
+    for j, ys in ((j, y[j:j + 1]) for j in range(len(y))) if per_sample else [(None, y)]:
+        t = layer.targets(ys, keep, dtype=np.float32)
+        rows = sampled_rows(len(t), layer.unknowns, len(ys), samples, rng)
+        blocks.append(Block(t if rows is None else t[rows], rows, j))
+    return blocks
+
+
+def _add_blocks(halves: list[Normal] | None, layer: LinearLayer, x: np.ndarray, blocks: list[Block]
+                ) -> list[Normal]:
+    """Add one chunk's (pruned input, original target) pairs of `layer` to its two half-statistics."""
+    for block in blocks:
+        z = layer.rows(x if block.sample is None else x[block.sample:block.sample + 1])
+        z = z if block.rows is None else z[block.rows]
+        t = block.targets.astype(np.float64)
+        if halves is None:
+            halves = [Normal.empty(z.shape[1], z.shape[2], t.shape[2]) for _ in range(2)]
+        if block.sample is None:
+            halves[0].add(z[0::2], t[0::2])
+            halves[1].add(z[1::2], t[1::2])
+        else:
+            halves[block.sample % 2].add(z, t)
+    return halves
+
+
+def cache_targets(original: onnx.ModelProto, layers: list[LinearLayer], keep: dict, feeds: dict, size: int,
+                  rng: np.random.Generator, limit: int = TARGET_CACHE_BYTES) -> dict[str, list[list[Block]]]:
+    """{layer: its blocks per calibration chunk} from ONE run of the original model, in graph order until
+    `limit` bytes: a layer's targets never change while the pruned model is refitted, so stages need not
+    rerun the original for them. Layers past the limit are left out (their stages run the original again)."""
+    cache: dict[str, list[list[Block]]] = {layer.node: [] for layer in layers}
+    samples = len(next(iter(feeds.values())))
+    used = 0
+    for chunk in activations.stream(original, feeds, [layer.y for layer in layers], size):
+        for layer in layers:
+            if layer.node in cache:
+                blocks = _target_blocks(layer, chunk[layer.y], keep.get(layer.node), samples, rng)
+                used += sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for b in blocks)
+                cache[layer.node].append(blocks)
+        while used > limit and cache:  # the last layers in graph order go first
+            _, dropped = cache.popitem()
+            used -= sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for c in dropped for b in c)
+    return cache
+
+
 def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
-                feeds: dict, size: int, rng: np.random.Generator) -> list[tuple[Normal, Normal]]:
+                feeds: dict, size: int, rng: np.random.Generator, cache: dict[str, list[list[Block]]]
+                ) -> list[tuple[Normal, Normal]]:
     """Normal equations of every layer of a stage, in two halves (even and odd calibration samples; rows
-    alternately where a row is not a whole sample): inputs from the pruned model, targets from the original,
-    both models cut down by onnxruntime to what the stage needs."""
+    alternately where a row is not a whole sample): inputs from the pruned model, targets from the original
+    (from `cache`, or from a run of the original cut down to the stage's uncached layers)."""
     stats: list[list[Normal] | None] = [None] * len(stage)
     samples = len(next(iter(feeds.values())))
-    inputs = activations.stream(pruned, feeds, [layer.x for layer in stage], size)
-    targets = activations.stream(original, feeds, [layer.y for layer in stage], size)
-    for x_chunk, y_chunk in zip(inputs, targets, strict=True):
+    fresh = [layer.y for layer in stage if layer.node not in cache]
+    targets = activations.stream(original, feeds, fresh, size) if fresh else None
+    for number, x_chunk in enumerate(activations.stream(pruned, feeds, [layer.x for layer in stage], size)):
+        y_chunk = next(targets) if targets is not None else {}
         for i, layer in enumerate(stage):
-            x, y = x_chunk[layer.x], y_chunk[layer.y]
-            per_sample = layer.op == "Conv" and x.ndim > 2
-            for j, (xs, ys) in enumerate(((x[j:j + 1], y[j:j + 1]) for j in range(len(x))) if per_sample
-                                         else [(x, y)]):
-                z, t = layer.rows(xs), layer.targets(ys, keep.get(layer.node))
-                z, t = row_sample(z, len(xs), samples, rng, (t,))
-                if stats[i] is None:
-                    stats[i] = [Normal.empty(z.shape[1], z.shape[2], t.shape[2]) for _ in range(2)]
-                if per_sample:
-                    stats[i][j % 2].add(z, t)
-                else:
-                    stats[i][0].add(z[0::2], t[0::2])
-                    stats[i][1].add(z[1::2], t[1::2])
+            blocks = cache[layer.node][number] if layer.node in cache else \
+                _target_blocks(layer, y_chunk[layer.y], keep.get(layer.node), samples, rng)
+            stats[i] = _add_blocks(stats[i], layer, x_chunk[layer.x], blocks)
     return [(halves[0], halves[1]) for halves in stats]
 
 
@@ -291,10 +346,13 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str
     warnings: list[str] = []
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     rng = np.random.default_rng(0)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    in_order = sorted(fit_layers, key=lambda layer: order[layer.node])
+    cache = cache_targets(original, in_order, keep, feeds, size, rng) if fit_layers else {}
     for number, stage in enumerate(merge_stages(_stages(model, fit_layers), max_stages)):
         if progress is not None:
             progress(f"recovery stage {number + 1}: {', '.join(layer.node for layer in stage)}")
-        normals = _accumulate(original, model, stage, keep, feeds, size, rng)
+        normals = _accumulate(original, model, stage, keep, feeds, size, rng, cache)
         for layer, normal in zip(stage, normals, strict=True):
             report.append(_fit_one(model, index, layer, normal, mode, ridge, warnings))
     return Recovery(model, report, warnings)
