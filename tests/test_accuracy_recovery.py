@@ -383,3 +383,27 @@ def test_refitted_weights_carry_no_subnormal_floats():
     assert flushed.dtype == np.float32
     assert flushed.tolist() == [0.0, 0.0, np.float32(1.2e-38).item(), 0.5, -2.0, 0.0]
     assert flush_subnormals(np.array([3, 4], dtype=np.int64)).tolist() == [3, 4]
+
+
+def test_cached_targets_refit_exactly_as_rerunning_the_original(monkeypatch):
+    """The original model's targets come from one run, cached across stages up to TARGET_CACHE_BYTES; layers past
+    the cap rerun the original per stage. Both paths sample the same rows, so the refits are identical."""
+    from passes.graph import recovery
+
+    rng = np.random.default_rng(3)
+    weights = [(rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32) / 4,
+                rng.standard_normal(c_out).astype(np.float32)) for c_in, c_out in ((3, 8), (8, 8), (8, 4))]
+    model = _conv_model(weights, 1, (3, 9, 9))
+    calibration = {"x": rng.standard_normal((20, 3, 9, 9)).astype(np.float32)}
+
+    def refit(limit):
+        monkeypatch.setattr(recovery, "TARGET_CACHE_BYTES", limit)
+        new, details, _ = _run_pass(model, calibration, ratio=0.25, criterion="l1")
+        assert [layer["node"] for layer in details["recovery"]] == ["conv1", "conv2"]
+        assert all(layer["error_after"] < layer["error_before"] for layer in details["recovery"])  # refitted
+        return {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+
+    cached, rerun = refit(1 << 30), refit(0)
+    assert cached.keys() == rerun.keys()
+    for name, value in cached.items():
+        np.testing.assert_array_equal(value, rerun[name])

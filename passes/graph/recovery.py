@@ -281,7 +281,8 @@ def _add_blocks(halves: list[Normal] | None, layer: LinearLayer, x: np.ndarray, 
 
 
 def cache_targets(original: onnx.ModelProto, layers: list[LinearLayer], keep: dict, feeds: dict, size: int,
-                  rng: np.random.Generator, limit: int = TARGET_CACHE_BYTES) -> dict[str, list[list[Block]]]:
+                  rngs: dict[str, np.random.Generator], limit: int = TARGET_CACHE_BYTES
+                  ) -> dict[str, list[list[Block]]]:
     """{layer: its blocks per calibration chunk} from ONE run of the original model, in graph order until
     `limit` bytes: a layer's targets never change while the pruned model is refitted, so stages need not
     rerun the original for them. Layers past the limit are left out (their stages run the original again)."""
@@ -291,7 +292,7 @@ def cache_targets(original: onnx.ModelProto, layers: list[LinearLayer], keep: di
     for chunk in activations.stream(original, feeds, [layer.y for layer in layers], size):
         for layer in layers:
             if layer.node in cache:
-                blocks = _target_blocks(layer, chunk[layer.y], keep.get(layer.node), samples, rng)
+                blocks = _target_blocks(layer, chunk[layer.y], keep.get(layer.node), samples, rngs[layer.node])
                 used += sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for b in blocks)
                 cache[layer.node].append(blocks)
         while used > limit and cache:  # the last layers in graph order go first
@@ -301,7 +302,7 @@ def cache_targets(original: onnx.ModelProto, layers: list[LinearLayer], keep: di
 
 
 def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[LinearLayer], keep: dict,
-                feeds: dict, size: int, rng: np.random.Generator, cache: dict[str, list[list[Block]]]
+                feeds: dict, size: int, rngs: dict[str, np.random.Generator], cache: dict[str, list[list[Block]]]
                 ) -> list[tuple[Normal, Normal]]:
     """Normal equations of every layer of a stage, in two halves (even and odd calibration samples; rows
     alternately where a row is not a whole sample): inputs from the pruned model, targets from the original
@@ -314,7 +315,7 @@ def _accumulate(original: onnx.ModelProto, pruned: onnx.ModelProto, stage: list[
         y_chunk = next(targets) if targets is not None else {}
         for i, layer in enumerate(stage):
             blocks = cache[layer.node][number] if layer.node in cache else \
-                _target_blocks(layer, y_chunk[layer.y], keep.get(layer.node), samples, rng)
+                _target_blocks(layer, y_chunk[layer.y], keep.get(layer.node), samples, rngs[layer.node])
             stats[i] = _add_blocks(stats[i], layer, x_chunk[layer.x], blocks)
     return [(halves[0], halves[1]) for halves in stats]
 
@@ -345,14 +346,15 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str
     model, fit_layers, report = _editable(pruned, layers)
     warnings: list[str] = []
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    rng = np.random.default_rng(0)
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     in_order = sorted(fit_layers, key=lambda layer: order[layer.node])
-    cache = cache_targets(original, in_order, keep, feeds, size, rng) if fit_layers else {}
+    # one generator per layer: its sampled rows do not depend on whether its targets were cached
+    rngs = {layer.node: np.random.default_rng([0, i]) for i, layer in enumerate(in_order)}
+    cache = cache_targets(original, in_order, keep, feeds, size, rngs, TARGET_CACHE_BYTES) if fit_layers else {}
     for number, stage in enumerate(merge_stages(_stages(model, fit_layers), max_stages)):
         if progress is not None:
             progress(f"recovery stage {number + 1}: {', '.join(layer.node for layer in stage)}")
-        normals = _accumulate(original, model, stage, keep, feeds, size, rng, cache)
+        normals = _accumulate(original, model, stage, keep, feeds, size, rngs, cache)
         for layer, normal in zip(stage, normals, strict=True):
             report.append(_fit_one(model, index, layer, normal, mode, ridge, warnings))
     return Recovery(model, report, warnings)
