@@ -387,7 +387,8 @@ def test_refitted_weights_carry_no_subnormal_floats():
 
 def test_cached_targets_refit_exactly_as_rerunning_the_original(monkeypatch):
     """The original model's targets come from one run, cached across stages up to TARGET_CACHE_BYTES; layers past
-    the cap rerun the original per stage. Both paths sample the same rows, so the refits are identical."""
+    the cap rerun the original per stage, and a capture whose outputs pass CAPTURE_CHUNK_BYTES is split into
+    several runs. Every path samples the same rows, so the refits are identical."""
     from passes.graph import recovery
 
     rng = np.random.default_rng(3)
@@ -396,14 +397,16 @@ def test_cached_targets_refit_exactly_as_rerunning_the_original(monkeypatch):
     model = _conv_model(weights, 1, (3, 9, 9))
     calibration = {"x": rng.standard_normal((20, 3, 9, 9)).astype(np.float32)}
 
-    def refit(limit):
+    def refit(limit, capture=1 << 28):
         monkeypatch.setattr(recovery, "TARGET_CACHE_BYTES", limit)
+        monkeypatch.setattr(recovery, "CAPTURE_CHUNK_BYTES", capture)
         new, details, _ = _run_pass(model, calibration, ratio=0.25, criterion="l1")
         assert [layer["node"] for layer in details["recovery"]] == ["conv1", "conv2"]
         assert all(layer["error_after"] < layer["error_before"] for layer in details["recovery"])  # refitted
         return {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
 
-    cached, rerun = refit(1 << 30), refit(0)
-    assert cached.keys() == rerun.keys()
+    cached, rerun, one_layer_per_run = refit(1 << 30), refit(0), refit(1 << 30, capture=1)
+    assert cached.keys() == rerun.keys() == one_layer_per_run.keys()
     for name, value in cached.items():
         np.testing.assert_array_equal(value, rerun[name])
+        np.testing.assert_array_equal(value, one_layer_per_run[name])

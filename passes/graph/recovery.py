@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from optimizer.data import fixed_batch, graph_inputs
 from optimizer.declines import Decline
 from passes.graph import activations
 from passes.graph.linear import LinearLayer, layer_from_node, sampled_rows
@@ -238,6 +239,7 @@ def _stages(model: onnx.ModelProto, layers: list[LinearLayer]) -> list[list[Line
 
 
 TARGET_CACHE_BYTES = 1 << 30  # the original's sampled target rows kept across stages; layers past it rerun it
+CAPTURE_CHUNK_BYTES = 256 << 20  # the original's full outputs held for one chunk while they are sampled
 
 
 @dataclass
@@ -280,24 +282,52 @@ def _add_blocks(halves: list[Normal] | None, layer: LinearLayer, x: np.ndarray, 
     return halves
 
 
+def _nbytes(blocks: list[Block]) -> int:
+    return sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for b in blocks)
+
+
+def _capture_runs(original: onnx.ModelProto, layers: list[LinearLayer], feeds: dict, size: int,
+                  limit: int = CAPTURE_CHUNK_BYTES) -> list[list[LinearLayer]]:
+    """`layers` (in graph order) cut into consecutive runs whose outputs for one calibration chunk stay under
+    `limit` bytes, measured on one sample: capturing every layer's output at once would hold most of the
+    model's activations for a whole chunk."""
+    one = next(activations.stream(original, {k: v[:1] for k, v in feeds.items()}, [layer.y for layer in layers]))
+    step = min(fixed_batch(graph_inputs(original)) or size, len(next(iter(feeds.values()))))
+    runs: list[list[LinearLayer]] = [[]]
+    total = 0
+    for layer in layers:
+        cost = one[layer.y].nbytes * step
+        if runs[-1] and total + cost > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(layer)
+        total += cost
+    return runs
+
+
 def cache_targets(original: onnx.ModelProto, layers: list[LinearLayer], keep: dict, feeds: dict, size: int,
-                  rngs: dict[str, np.random.Generator], limit: int = TARGET_CACHE_BYTES
-                  ) -> dict[str, list[list[Block]]]:
-    """{layer: its blocks per calibration chunk} from ONE run of the original model, in graph order until
-    `limit` bytes: a layer's targets never change while the pruned model is refitted, so stages need not
-    rerun the original for them. Layers past the limit are left out (their stages run the original again)."""
+                  rngs: dict[str, np.random.Generator], limit: int = TARGET_CACHE_BYTES,
+                  capture_limit: int = CAPTURE_CHUNK_BYTES) -> dict[str, list[list[Block]]]:
+    """{layer: its blocks per calibration chunk}, sampled from runs of the original model (one, unless the
+    layers' outputs for a chunk pass `capture_limit`) and kept in graph order until `limit` bytes: a layer's
+    targets never change while the pruned model is refitted, so stages need not rerun the original for them.
+    Layers past the limit are left out (their stages run the original again)."""
     cache: dict[str, list[list[Block]]] = {layer.node: [] for layer in layers}
     samples = len(next(iter(feeds.values())))
     used = 0
-    for chunk in activations.stream(original, feeds, [layer.y for layer in layers], size):
-        for layer in layers:
-            if layer.node in cache:
-                blocks = _target_blocks(layer, chunk[layer.y], keep.get(layer.node), samples, rngs[layer.node])
-                used += sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for b in blocks)
-                cache[layer.node].append(blocks)
-        while used > limit and cache:  # the last layers in graph order go first
-            _, dropped = cache.popitem()
-            used -= sum(b.targets.nbytes + (0 if b.rows is None else b.rows.nbytes) for c in dropped for b in c)
+    for run in _capture_runs(original, layers, feeds, size, capture_limit):
+        run = [layer for layer in run if layer.node in cache]
+        if not run:
+            break
+        for chunk in activations.stream(original, feeds, [layer.y for layer in run], size):
+            for layer in run:
+                if layer.node in cache:
+                    blocks = _target_blocks(layer, chunk[layer.y], keep.get(layer.node), samples, rngs[layer.node])
+                    used += _nbytes(blocks)
+                    cache[layer.node].append(blocks)
+            while used > limit and cache:  # the last layers in graph order go first
+                _, dropped = cache.popitem()
+                used -= sum(_nbytes(blocks) for blocks in dropped)
     return cache
 
 
@@ -350,7 +380,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[str
     in_order = sorted(fit_layers, key=lambda layer: order[layer.node])
     # one generator per layer: its sampled rows do not depend on whether its targets were cached
     rngs = {layer.node: np.random.default_rng([0, i]) for i, layer in enumerate(in_order)}
-    cache = cache_targets(original, in_order, keep, feeds, size, rngs, TARGET_CACHE_BYTES) if fit_layers else {}
+    cache = cache_targets(original, in_order, keep, feeds, size, rngs, TARGET_CACHE_BYTES,
+                          CAPTURE_CHUNK_BYTES) if fit_layers else {}
     for number, stage in enumerate(merge_stages(_stages(model, fit_layers), max_stages)):
         if progress is not None:
             progress(f"recovery stage {number + 1}: {', '.join(layer.node for layer in stage)}")
