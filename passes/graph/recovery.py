@@ -8,12 +8,14 @@ reads a pruned channel space, the new weight and bias solve
 where Z_pruned are L's input rows (im2col for Conv) taken from the PRUNED model, already refitted up to L, and
 Y_original is L's output in the ORIGINAL model. Layers are fitted in stages along the graph (a layer never
 shares a stage with one it depends on), so a layer downstream sees what its refitted predecessors really give
-and errors do not pile up. Z^T Z and Z^T Y are accumulated in float64 over calibration chunks, so memory is the
-Gram matrices plus one chunk. The ridge pulls towards the pruned weights W_0, so a layer with fewer rows than
-unknowns stays close to what it was (said in a warning). With `ridge=None` each layer picks its ridge from
-RIDGES by two-fold cross-validation (the statistics are kept per half of the calibration samples): an exactly
-redundant cut keeps the smallest, a fit that would chase 64 samples gets a stronger one. `mode="mean"` keeps
-every weight and refits the bias only: what the removed channels contributed on average (and any drift) is
+and errors do not pile up. Z^T Z and Z^T Y are accumulated in float64 over calibration chunks. The original model's
+targets never change, so it runs once (`cache_targets`) and only the sampled target rows are kept for the stages
+(TARGET_CACHE_BYTES; layers past it rerun the original in their stage); memory is those rows, the Gram matrices and
+one chunk's captured outputs (CAPTURE_CHUNK_BYTES). The ridge pulls towards the pruned weights W_0, so a layer with
+fewer rows than unknowns stays close to what it was (said in a warning). With `ridge=None` each layer picks its
+ridge from RIDGES by two-fold cross-validation (the statistics are kept per half of the calibration samples): an
+exactly redundant cut keeps the smallest, a fit that would chase 64 samples gets a stronger one. `mode="mean"`
+keeps every weight and refits the bias only: what the removed channels contributed on average (and any drift) is
 folded into it.
 
     >>> model, layers = recover(original, pruned, ["conv2"], keep, feeds)   # doctest: +SKIP
