@@ -30,7 +30,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer.data import fixed_batch, graph_inputs
 from optimizer.declines import Decline
 from passes.graph import activations
 from passes.graph.linear import LinearLayer, layer_from_node, sampled_rows
@@ -294,7 +293,8 @@ def _capture_runs(original: onnx.ModelProto, layers: list[LinearLayer], feeds: d
     `limit` bytes, measured on one sample: capturing every layer's output at once would hold most of the
     model's activations for a whole chunk."""
     one = next(activations.stream(original, {k: v[:1] for k, v in feeds.items()}, [layer.y for layer in layers]))
-    step = min(fixed_batch(graph_inputs(original)) or size, len(next(iter(feeds.values()))))
+    first, _ = next(activations.calibration_chunks(original, feeds, size))  # a fixed batch is padded to its size
+    step = len(next(iter(first.values())))
     runs: list[list[LinearLayer]] = [[]]
     total = 0
     for layer in layers:
